@@ -1,0 +1,10 @@
+"""The one exception type users see: a clear one-line message, exit code 2 from the CLI."""
+
+
+class DesteinError(Exception):
+    """Bad input or an impossible request, explained in one line.
+
+    The CLI prints ``error: <message>`` and exits with status 2; library callers catch it
+    like any other exception. Raise it for anything a user can fix (a malformed file, an
+    unknown model, a vector file for another model); let real bugs raise what they raise.
+    """
