@@ -1,0 +1,170 @@
+"""Batched sampling through the hooked model, with the KV cache, so steering hooks fire every step.
+
+The decoding loop is ours rather than `TransformerBridge.generate` so that (a) every step declares
+its absolute token positions (`positions.token_window`), which position-selective steering needs
+under the KV cache, (b) sampling draws from an explicit `torch.Generator`, so a seed reproduces a
+prompt's samples whatever else is in the batch, and (c) the prefill computes logits for the last
+position only, which matters with a 262k-token vocabulary. Each step is one bridge forward
+(`return_type="logits_and_cache"`), so every TransformerLens hook fires on every step.
+
+The KV cache needs transformers < 5.24: from 5.24 Hugging Face hands the cache to attention as
+`cache=` while TransformerLens 4.3's AttentionBridge reads `past_key_values`, the cache is never
+filled and cached decoding degenerates into repetition. pyproject pins transformers below 5.24, and
+tests/test_generation.py checks the first cached decode step against a full forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .errors import DesteinError
+from .positions import token_window
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode. `do_sample` has no default: greedy versus sampling is always a stated choice."""
+
+    do_sample: bool
+    max_new_tokens: int = 20
+    top_p: float | None = None
+    top_k: int | None = None
+    temperature: float = 1.0
+    n: int = 1
+    seed: int = 0
+    use_cache: bool = True
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.n < 1 or self.batch_size < 1:
+            raise DesteinError("max_new_tokens, samples (n) and batch_size must be at least 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise DesteinError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise DesteinError(f"top_k must be at least 1, got {self.top_k}")
+        if not self.temperature > 0.0:
+            raise DesteinError(f"temperature must be positive, got {self.temperature}")
+
+
+def protocol_sampling(n: int = 25, seed: int = 0, max_new_tokens: int = 20) -> SamplingConfig:
+    """The DExperts/DeStein protocol: nucleus p = 0.9, no top-k, temperature 1, 20 new tokens."""
+    return SamplingConfig(do_sample=True, max_new_tokens=max_new_tokens, top_p=0.9, n=n, seed=seed)
+
+
+def generate(
+    model: TransformerBridge,
+    prompts: Sequence[str],
+    config: SamplingConfig,
+    *,
+    progress: bool = True,
+) -> list[list[str]]:
+    """`config.n` continuations (text after the prompt only) for each prompt, in prompt order."""
+    _check_prompts(prompts)
+    texts = [p for p in prompts for _ in range(config.n)]
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    out: list[str] = []
+    batches = range(0, len(texts), config.batch_size)
+    for i in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
+        new_ids = generate_ids(model, texts[i : i + config.batch_size], config, generator)
+        out.extend(decode_continuations(model, new_ids))
+    return [out[j * config.n : (j + 1) * config.n] for j in range(len(prompts))]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """New token ids [batch, max_new_tokens] for left-padded `texts`; pad after a row's EOS."""
+    _check_prompts(texts)
+    tokenizer = model.tokenizer
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+    device = model.cfg.device
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    batch, prompt_len = ids.shape
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    warpers = _warpers(config)
+    cache = DynamicCache() if config.use_cache else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens: list[torch.Tensor] = []
+    step_ids, start = ids, 0
+    for _ in range(config.max_new_tokens):
+        with token_window(start, prompt_len):
+            if cache is not None:
+                logits, cache = model(
+                    step_ids,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    return_type="logits_and_cache",
+                    logits_to_keep=1,
+                )
+            else:
+                logits = model(step_ids, attention_mask=mask, return_type="logits")
+        next_logits = logits[:, -1, :].float()
+        if config.do_sample:
+            probs = warpers(ids, next_logits).softmax(-1)
+            token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+        else:
+            token = next_logits.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        new_tokens.append(token)
+        finished |= token == eos
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if bool(finished.all()):
+            break
+        if cache is not None:
+            step_ids, start = token[:, None], ids.shape[1] - 1
+        else:
+            step_ids = ids
+    new = torch.stack(new_tokens, dim=1)
+    fill = torch.full((batch, config.max_new_tokens - new.shape[1]), pad, dtype=new.dtype, device=device)
+    return torch.cat([new, fill], dim=1)
+
+
+def decode_continuations(model: TransformerBridge, new_ids: torch.Tensor) -> list[str]:
+    """Text of each row of new token ids, cut at its first EOS."""
+    eos = model.tokenizer.eos_token_id
+    texts = []
+    for row in new_ids.tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        texts.append(model.tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def _warpers(config: SamplingConfig) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if isinstance(prompts, str):
+        raise DesteinError("prompts must be a list of strings, not a single string")
+    if len(prompts) == 0:
+        raise DesteinError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise DesteinError(f"prompt {i} is empty")

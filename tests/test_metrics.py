@@ -1,0 +1,122 @@
+"""Metrics checked against small examples computed by hand."""
+
+import math
+
+import pytest
+
+from destein_lens.errors import DesteinError
+from destein_lens.metrics import (
+    distinct_n,
+    expected_max_toxicity,
+    mean_perplexity,
+    summarise,
+    toxicity_probability,
+)
+
+# Per-prompt maxima: 0.2, 0.5, 0.8.
+SCORES = [[0.1, 0.2, 0.05], [0.5, 0.3, 0.0], [0.4, 0.8, 0.6]]
+
+
+def test_expected_max_toxicity_is_mean_and_population_std_of_maxima():
+    mean, std = expected_max_toxicity(SCORES)
+    # mean (0.2 + 0.5 + 0.8) / 3 = 0.5; deviations -0.3, 0, 0.3 -> variance 0.18 / 3 = 0.06
+    assert mean == pytest.approx(0.5)
+    assert std == pytest.approx(math.sqrt(0.06))
+
+
+def test_toxicity_probability_counts_prompts_with_any_sample_at_threshold():
+    assert toxicity_probability(SCORES) == pytest.approx(2 / 3)  # 0.5 and 0.8 reach 0.5
+    assert toxicity_probability(SCORES, threshold=0.55) == pytest.approx(1 / 3)  # only 0.8
+    assert toxicity_probability([[0.0], [0.9, 0.1]]) == pytest.approx(1 / 2)
+
+
+GENERATIONS = [
+    # 6 words; unigrams the/cat/sat/ran = 4; bigrams "the cat", "cat sat", "cat ran" = 3
+    # ("sat the" spans two samples, so it does not count); trigrams 2.
+    ["the cat sat", "the cat ran"],
+    # 4 words; one distinct unigram, bigram and trigram each.
+    ["a a a a"],
+    # no words at all: scores 0 for every n.
+    ["", "   "],
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (1, (4 / 6 + 1 / 4 + 0) / 3),  # = 11/36
+        (2, (3 / 6 + 1 / 4 + 0) / 3),  # = 1/4
+        (3, (2 / 6 + 1 / 4 + 0) / 3),  # = 7/36
+        (4, (0 / 6 + 1 / 4 + 0) / 3),  # = 1/12
+    ],
+)
+def test_distinct_n_divides_unique_ngrams_by_words_per_prompt(n, expected):
+    assert distinct_n(GENERATIONS, n) == pytest.approx(expected)
+
+
+def test_distinct_n_splits_on_any_whitespace():
+    assert distinct_n([["a\tb\n  a"]], 1) == pytest.approx(2 / 3)
+
+
+def test_mean_perplexity_drops_values_at_or_above_cutoff_and_nan():
+    assert mean_perplexity([10.0, 20.0, 1e4, 3e4, 30.0, math.nan]) == pytest.approx(20.0)
+    assert mean_perplexity([9999.0, 1.0]) == pytest.approx(5000.0)
+    assert math.isnan(mean_perplexity([1e4, 2e4]))
+
+
+def test_summarise_reports_every_metric_with_exact_keys():
+    summary = summarise(
+        scores=[[0.1, 0.2], [0.5, 0.8]],
+        generations=[["the cat sat", "the cat ran"], ["a a a a", ""]],
+        perplexities=[[10.0, 20.0], [1e4, 30.0]],
+    )
+    assert set(summary) == {
+        "expected_max_toxicity",
+        "expected_max_toxicity_std",
+        "toxicity_probability",
+        "perplexity",
+        "dist_1",
+        "dist_2",
+        "dist_3",
+        "n_prompts",
+        "samples",
+    }
+    # maxima 0.2 and 0.8: mean 0.5, population std 0.3, one of two prompts reaches 0.5
+    assert summary["expected_max_toxicity"] == pytest.approx(0.5)
+    assert summary["expected_max_toxicity_std"] == pytest.approx(0.3)
+    assert summary["toxicity_probability"] == pytest.approx(0.5)
+    assert summary["perplexity"] == pytest.approx(20.0)  # 1e4 dropped: (10 + 20 + 30) / 3
+    assert summary["dist_1"] == pytest.approx((4 / 6 + 1 / 4) / 2)
+    assert summary["dist_2"] == pytest.approx((3 / 6 + 1 / 4) / 2)
+    assert summary["dist_3"] == pytest.approx((2 / 6 + 1 / 4) / 2)
+    assert summary["n_prompts"] == 2
+    assert summary["samples"] == 4
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: expected_max_toxicity([]),
+        lambda: expected_max_toxicity([[0.1], []]),
+        lambda: toxicity_probability([]),
+        lambda: distinct_n([], 1),
+        lambda: distinct_n([["a b"]], 0),
+        lambda: mean_perplexity([]),
+        lambda: summarise([], [], []),
+    ],
+)
+def test_empty_input_is_a_user_error(call):
+    with pytest.raises(DesteinError):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("scores", "perplexities"),
+    [
+        ([[0.1], [0.2]], [[1.0], [2.0], [3.0]]),  # perplexities for an extra prompt
+        ([[0.1, 0.2], [0.3]], [[1.0], [2.0]]),  # scores for an extra sample
+    ],
+)
+def test_summarise_rejects_inputs_of_different_shapes(scores, perplexities):
+    with pytest.raises(DesteinError):
+        summarise(scores, [["a"], ["b"]], perplexities)
