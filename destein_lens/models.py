@@ -63,12 +63,12 @@ class LoadRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoadRecord":
+    def from_dict(cls, d: dict[str, Any]) -> LoadRecord:
         d = dict(d)
         d["versions"] = tuple(d["versions"].items())
         return cls(**d)
 
-    def same_model(self, other: "LoadRecord") -> bool:
+    def same_model(self, other: LoadRecord) -> bool:
         """Whether activations of `other` live in the same space as ours (weights, shape, mode)."""
         keys = ("architecture", "n_layers", "n_heads", "d_head", "d_model", "mode")
         if any(getattr(self, k) != getattr(other, k) for k in keys):

@@ -19,8 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DesteinError
+from .files import write_atomic
 
 TOXIC_PREFIX = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
 NONTOXIC_PREFIX = "The following text is kind, polite, positive, respectful and supportive: "
@@ -91,17 +90,11 @@ class SteeringPairs:
 
     def to_jsonl(self, path: str | Path) -> None:
         """Write JSONL readable by `load_jsonl`, atomically so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for tox, non in zip(self.toxic, self.nontoxic):
-                    f.write(json.dumps({"toxic": tox, "nontoxic": non}, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        lines = (
+            json.dumps({"toxic": t, "nontoxic": n}, ensure_ascii=False) + "\n"
+            for t, n in zip(self.toxic, self.nontoxic)
+        )
+        write_atomic(path, "".join(lines))
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -132,7 +125,7 @@ def load_hf_dataset(dataset_id: str, split: str, hint: str) -> Any:
         import datasets  # imported here: slow to import and only needed for hub sources
 
         return datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # noqa: BLE001 - network, auth, cache and schema errors all mean the same to users
+    except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DesteinError(
             f"cannot load hf:{dataset_id} (split {split}) from the Hugging Face hub, "

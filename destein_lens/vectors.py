@@ -1,0 +1,201 @@
+"""Detoxification vectors: one direction per (layer, head), with the probes that weight them.
+
+`build_vectors` runs the pipeline pairs -> activations -> probes -> vectors:
+- directions: mean over pairs of (toxic - non-toxic) activations of the *prefixed* pair texts, as
+  DeStein computes them (the prefixes sharpen the contrast); steering subtracts them;
+- probes: by default fitted on the *bare* pair texts. With the prefixes, the last-k-token window
+  of a short text reaches into the prefix, and nearly every head separates the two sides from the
+  prefix alone, which makes the ranking meaningless. Both accuracies are kept.
+
+Saved as safetensors (tensors) plus a JSON sidecar (everything else); never pickle. Loading checks
+the file against the model it will steer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .activations import Site, check_site, pair_activations
+from .errors import DesteinError
+from .files import write_atomic
+from .models import LoadRecord, load_record
+from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
+from .probes import fit_probes
+
+_TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DetoxVectors:
+    """Per-head detox directions and probe accuracies, with everything needed to reproduce them."""
+
+    directions: torch.Tensor  # [n_layers, n_heads, width], mean(toxic - non-toxic)
+    accuracy_bare: torch.Tensor  # [n_layers, n_heads], held-out probe accuracy, bare pair texts
+    accuracy_prefixed: torch.Tensor  # [n_layers, n_heads], held-out probe accuracy, prefixed texts
+    site: str
+    k: int
+    prefixes: tuple[str, str]
+    probe_texts: str  # "bare" or "prefixed": which accuracy ranks and weights the heads
+    probe_method: str
+    model: LoadRecord
+    pairs_sha256: str
+    pairs_source: str
+    n_pairs: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def probe_accuracy(self) -> torch.Tensor:
+        """The accuracy that ranks and weights heads: on the bare or the prefixed texts."""
+        return self.accuracy_bare if self.probe_texts == "bare" else self.accuracy_prefixed
+
+    @property
+    def head_weights(self) -> torch.Tensor:
+        """The released code's per-head weight, 1 + held-out probe accuracy."""
+        return 1.0 + self.probe_accuracy
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.probe_accuracy.shape)  # type: ignore[return-value]
+
+    def ranking(self) -> list[tuple[int, int]]:
+        """Heads by held-out probe accuracy (ties: direction norm, then index)."""
+        n_heads = self.shape[1]
+        acc = self.probe_accuracy.flatten().tolist()
+        norm = self.directions.norm(dim=-1).flatten().tolist()
+        order = sorted(range(len(acc)), key=lambda i: (-acc[i], -norm[i], i))
+        return [divmod(i, n_heads) for i in order]
+
+    def check_compatible(self, model: Any) -> None:
+        """Refuse to steer a model these vectors were not built on (other weights, shape or mode)."""
+        theirs = load_record(model)
+        if not self.model.same_model(theirs):
+            raise DesteinError(
+                f"these vectors were built on {self.model.name} ({self.model.architecture}, "
+                f"{self.model.mode} mode); the model is {theirs.name} ({theirs.architecture}, "
+                f"{theirs.mode} mode)"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write `<stem>.safetensors` and `<stem>.json`; returns the safetensors path."""
+        tensors_path, meta_path = _paths(path)
+        tensors = {name: getattr(self, name).contiguous().float() for name in _TENSORS}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "site": self.site,
+            "k": self.k,
+            "prefixes": list(self.prefixes),
+            "probe_texts": self.probe_texts,
+            "probe_method": self.probe_method,
+            "model": self.model.to_dict(),
+            "pairs_sha256": self.pairs_sha256,
+            "pairs_source": self.pairs_source,
+            "n_pairs": self.n_pairs,
+            "extra": self.extra,
+        }
+        write_atomic(tensors_path, save(tensors))
+        write_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False))
+        return tensors_path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any | None = None) -> DetoxVectors:
+        """Read a saved pair of files; with `model`, also check they belong to it."""
+        tensors_path, meta_path = _paths(path)
+        try:
+            tensors = load_file(tensors_path)
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            vectors = cls(
+                **{name: tensors[name] for name in _TENSORS},
+                site=meta["site"],
+                k=int(meta["k"]),
+                prefixes=tuple(meta["prefixes"]),
+                probe_texts=meta["probe_texts"],
+                probe_method=meta["probe_method"],
+                model=LoadRecord.from_dict(meta["model"]),
+                pairs_sha256=meta["pairs_sha256"],
+                pairs_source=meta["pairs_source"],
+                n_pairs=int(meta["n_pairs"]),
+                extra=meta.get("extra", {}),
+            )
+        except FileNotFoundError as e:
+            raise DesteinError(f"vector file not found: {e.filename}") from None
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise DesteinError(f"{tensors_path} is not a valid destein-lens vector file ({e})") from None
+        vectors._check_shapes()
+        if model is not None:
+            vectors.check_compatible(model)
+        return vectors
+
+    def _check_shapes(self) -> None:
+        check_site(self.site)
+        rec = self.model
+        grid = (rec.n_layers, rec.n_heads)
+        if (
+            self.accuracy_bare.shape != grid
+            or self.accuracy_prefixed.shape != grid
+            or self.directions.shape[:2] != grid
+        ):
+            raise DesteinError(
+                f"vector file shapes {tuple(self.directions.shape)} do not match its model "
+                f"({rec.n_layers} layers x {rec.n_heads} heads)"
+            )
+        if self.probe_texts not in ("bare", "prefixed"):
+            raise DesteinError(f"vector file has unknown probe_texts {self.probe_texts!r}")
+        if not torch.isfinite(self.directions).all():
+            raise DesteinError("vector file holds non-finite directions")
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def build_vectors(
+    model: Any,
+    pairs: SteeringPairs,
+    *,
+    site: Site = "heads",
+    k: int = 8,
+    prefixes: tuple[str, str] = (TOXIC_PREFIX, NONTOXIC_PREFIX),
+    probe_texts: str = "bare",
+    probe_method: str = "torch",
+    train_frac: float = 0.8,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> DetoxVectors:
+    """Directions from the prefixed pairs; probes on the bare (default) and the prefixed texts."""
+    if probe_texts not in ("bare", "prefixed"):
+        raise DesteinError(f"probe_texts must be 'bare' or 'prefixed', got {probe_texts!r}")
+    opts = {"site": site, "k": k, "batch_size": batch_size, "progress": progress}
+    prefixed = pair_activations(model, pairs, prefixes=prefixes, **opts)
+    bare = pair_activations(model, pairs, prefixes=None, **opts)
+    probes_bare = fit_probes(bare, method=probe_method, train_frac=train_frac)
+    probes_prefixed = fit_probes(prefixed, method=probe_method, train_frac=train_frac)
+    return DetoxVectors(
+        directions=directions(prefixed),
+        accuracy_bare=probes_bare.accuracy,
+        accuracy_prefixed=probes_prefixed.accuracy,
+        site=site,
+        k=k,
+        prefixes=tuple(prefixes),
+        probe_texts=probe_texts,
+        probe_method=probe_method,
+        model=load_record(model),
+        pairs_sha256=pairs.sha256(),
+        pairs_source=pairs.source,
+        n_pairs=len(pairs),
+        extra={"train_frac": train_frac},
+    )
+
+
+def directions(acts: torch.Tensor) -> torch.Tensor:
+    """mean over pairs of (toxic - non-toxic): [n_layers, n_heads, width] from [n, 2, L, H, w]."""
+    return (acts[:, 0] - acts[:, 1]).mean(dim=0)
