@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from .errors import DesteinError
 
 Command = Callable[[argparse.Namespace], None]
+DEFAULT_ALPHA = 0.4
+DEFAULT_SAMPLES = 5
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -32,9 +34,125 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": prompt, "continuations": continuations}, ensure_ascii=False))
 
 
+def _heads(value: str) -> str | int | list[tuple[int, int]]:
+    """--heads: "all", an int k (top-k by probe accuracy), or "L.H,L.H,..."."""
+    if value == "all":
+        return value
+    if value.isdigit():
+        return int(value)
+    try:
+        return [(int(layer), int(head)) for layer, head in (item.split(".") for item in value.split(","))]
+    except ValueError:
+        raise DesteinError(f"--heads takes 'all', a number k or a list like 3.1,5.0; got {value!r}") from None
+
+
+def _cmd_vectors(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .pairs import load_pairs
+    from .vectors import build_vectors
+
+    pairs = load_pairs(args.pairs)
+    model = load_model(args.model, device=args.device)
+    vectors = build_vectors(model, pairs, site=args.site, k=args.k, probe_texts=args.probe_texts)
+    path = vectors.save(args.out)
+    top = ", ".join(f"L{layer}H{head}" for layer, head in vectors.ranking()[:5])
+    print(f"wrote {path} and {path.with_suffix('.json')}; top heads by probe accuracy: {top}")
+
+
+def _cmd_induce(args: argparse.Namespace) -> None:
+    from .induction import induce_pairs
+    from .models import load_model
+    from .pairs import load_pairs
+
+    model = load_model(args.model, device=args.device)
+    result = induce_pairs(model, load_pairs(args.seeds), n_pairs=args.n, scorer=args.scorer, seed=args.seed)
+    result.pairs.to_jsonl(args.out)
+    print(f"wrote {len(result.pairs)} pairs to {args.out} ({result.tried} candidates tried)")
+
+
+def _eval_inputs(args: argparse.Namespace) -> dict:
+    """Everything about the evaluation that can be wrong, checked before any model work starts."""
+    from .evaluation import BASELINE, EvalConfig, MethodSpec
+    from .prompts import load_prompts
+    from .scoring import get_scorer
+
+    config = EvalConfig(samples=args.samples, seed=args.seed, scorer=args.scorer, batch_size=args.batch_size)
+    method = MethodSpec("destein", alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form)
+    return {
+        "prompts": load_prompts(args.prompts, max_prompts=args.max_prompts),
+        "methods": [BASELINE, method],
+        "config": config,
+        "scorer": get_scorer(args.scorer),
+    }
+
+
+def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance: dict) -> None:
+    from .evaluation import evaluate
+    from .report import text_table, write_report
+
+    metrics = evaluate(model, **inputs, out_dir=args.out, vectors=vectors, provenance=provenance)
+    write_report(args.out)
+    print(text_table(metrics))
+    print(f"run folder: {args.out} (metrics.json, report.md, report.html, prompted_gens_*.jsonl)")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .models import load_model
+    from .pairs import load_pairs
+    from .vectors import DetoxVectors, build_vectors
+
+    inputs = _eval_inputs(args)
+    pairs = load_pairs(args.pairs)
+    model = load_model(args.model, device=args.device)
+    vectors_path = Path(args.out) / "vectors.safetensors"
+    if vectors_path.exists():  # resuming: the run's own vectors, checked against the model
+        vectors = DetoxVectors.load(vectors_path, model=model)
+    else:
+        vectors = build_vectors(model, pairs, site=args.site, k=args.k, probe_texts=args.probe_texts)
+        vectors.save(vectors_path)
+    _evaluate(args, model, vectors, inputs, {"pairs": pairs.source, "pairs_sha256": pairs.sha256()})
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .vectors import DetoxVectors
+
+    inputs = _eval_inputs(args)
+    model = load_model(args.model, device=args.device)
+    vectors = DetoxVectors.load(args.vectors, model=model)
+    _evaluate(args, model, vectors, inputs, {"vectors_file": str(args.vectors)})
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id, local HF folder or .gguf file (default: gemma-3-270m)")
+    p.add_argument(
+        "--model", default=None, help="HF id, local HF folder or .gguf file (default: gemma-3-270m)"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _add_vector_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", default=None, help="pairs: JSONL, ParaDetox TSV, hf:<id> (default: built-in)")
+    p.add_argument("--site", default="heads", choices=["heads", "attn_out_slices"])
+    p.add_argument("--k", type=int, default=8, help="mean over the last k tokens")
+    p.add_argument("--probe-texts", default="bare", choices=["bare", "prefixed"])
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
+    )
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--scorer", default="profanity-check")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
+    p.add_argument("--heads", default="all", help="all, top-k as a number, or L.H,L.H,...")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--form", default="destein", choices=["destein", "released_code", "additive"])
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest", help="run folder (resumable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +168,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("vectors", help="build detox vectors from steering pairs")
+    _add_model_options(p)
+    _add_vector_options(p)
+    p.add_argument("--out", required=True, help="output path (.safetensors + .json sidecar)")
+    p.set_defaults(func=_cmd_vectors)
+
+    pairs = sub.add_parser("pairs", help="steering pairs").add_subparsers(dest="pairs_command", required=True)
+    p = pairs.add_parser("induce", help="let the model write new steering pairs from few-shot seeds")
+    _add_model_options(p)
+    p.add_argument("--seeds", default=None, help="seed pairs (default: built-in)")
+    p.add_argument("--n", type=int, default=20, help="how many pairs to keep")
+    p.add_argument("--scorer", default="profanity-check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.set_defaults(func=_cmd_induce)
+
+    p = sub.add_parser("run", help="the whole pipeline: vectors, baseline vs DeStein, report")
+    _add_model_options(p)
+    _add_vector_options(p)
+    _add_eval_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("evaluate", help="evaluate saved vectors on a prompt file")
+    _add_model_options(p)
+    p.add_argument("--vectors", required=True, help="a .safetensors vector file (with its .json)")
+    _add_eval_options(p)
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except DesteinError as e:
@@ -63,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; everything finished so far is saved", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars stay; transformers' per-load bars and advice would bury them."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -87,9 +87,14 @@ def generate_ids(
     model: TransformerBridge,
     texts: Sequence[str],
     config: SamplingConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """New token ids [batch, max_new_tokens] for left-padded `texts`; pad after a row's EOS."""
+    """New token ids [batch, max_new_tokens] for left-padded `texts`; pad after a row's EOS.
+
+    `generator` may be one generator per row: then each row's samples depend on its own seed
+    only, not on what else shares the batch (the evaluation harness seeds per prompt and sample,
+    so runs resume and methods compare on identical random draws).
+    """
     _check_prompts(texts)
     tokenizer = model.tokenizer
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
@@ -99,6 +104,8 @@ def generate_ids(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    elif not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise DesteinError(f"{len(generator)} generators for {batch} rows")
     warpers = _warpers(config)
     cache = DynamicCache() if config.use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -118,8 +125,12 @@ def generate_ids(
                 logits = model(step_ids, attention_mask=mask, return_type="logits")
         next_logits = logits[:, -1, :].float()
         if config.do_sample:
-            probs = warpers(ids, next_logits).softmax(-1)
-            token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+            probs = warpers(ids, next_logits).softmax(-1).cpu()
+            if isinstance(generator, torch.Generator):
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+            token = token.to(device)
         else:
             token = next_logits.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad), token)

@@ -92,7 +92,9 @@ def load_record(model: TransformerBridge) -> LoadRecord:
     """The record `load_model` attached to `model`."""
     record = getattr(model, "destein_load_record", None)
     if record is None:
-        raise DesteinError("this model was not loaded with destein_lens.load_model; its provenance is unknown")
+        raise DesteinError(
+            "this model was not loaded with destein_lens.load_model; its provenance is unknown"
+        )
     return record
 
 

@@ -122,8 +122,7 @@ def head_grid(
         for layer, head in cells:
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
                 raise DesteinError(
-                    f"marked head (layer {layer}, head {head}) is outside the "
-                    f"{n_layers} x {n_heads} grid"
+                    f"marked head (layer {layer}, head {head}) is outside the {n_layers} x {n_heads} grid"
                 )
         fig.add_trace(
             go.Scatter(
@@ -379,17 +378,13 @@ def top_heads_geometry(
     Each panel has its own PCA: heads live in unrelated spaces, so shared axes would mislead.
     """
     if not per_head:
-        raise DesteinError(
-            "per_head is empty: give at least one (label, toxic, nontoxic, direction)"
-        )
+        raise DesteinError("per_head is empty: give at least one (label, toxic, nontoxic, direction)")
     if cols < 1:
         raise DesteinError(f"cols must be at least 1, got {cols}")
     cols = min(cols, len(per_head))
     rows = math.ceil(len(per_head) / cols)
     # Cells past the last head get no axes at all, rather than empty untitled ones.
-    specs = [
-        [{} if r * cols + c < len(per_head) else None for c in range(cols)] for r in range(rows)
-    ]
+    specs = [[{} if r * cols + c < len(per_head) else None for c in range(cols)] for r in range(rows)]
     fig = make_subplots(
         rows=rows,
         cols=cols,
@@ -468,9 +463,7 @@ def alpha_sweep(
         ("expected_max_toxicity", "expected maximum toxicity"),
         ("toxicity_probability", "toxicity probability"),
     )
-    fig = make_subplots(
-        rows=1, cols=2, subplot_titles=[label for _, label in panels], horizontal_spacing=0.1
-    )
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[label for _, label in panels], horizontal_spacing=0.1)
     palette = qualitative.Plotly
     for col, (key, label) in enumerate(panels, start=1):
         tox = values[key]
@@ -615,9 +608,7 @@ def save_figure(
     rendered: dict[str, bytes] = {}
     for fmt in dict.fromkeys(wanted):
         if fmt == "html":
-            rendered[fmt] = fig.to_html(include_plotlyjs="directory", full_html=True).encode(
-                "utf-8"
-            )
+            rendered[fmt] = fig.to_html(include_plotlyjs="directory", full_html=True).encode("utf-8")
         else:
             rendered[fmt] = _static_image(fig, fmt, scale)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ def head_out_means(model, tokenizer, texts, k=8):
     out = []
     for text in texts:
         captured = []
-        handles = [m.register_forward_hook(lambda _m, _i, o: captured.append(o)) for m in _cproj_modules(model)]
+        handles = [
+            m.register_forward_hook(lambda _m, _i, o: captured.append(o)) for m in _cproj_modules(model)
+        ]
         model(tokenizer(text, return_tensors="pt").input_ids)
         for h in handles:
             h.remove()

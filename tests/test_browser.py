@@ -32,9 +32,7 @@ CHROMIUM_FLAGS = [
 ]
 REPO_FIGURES = sorted((Path(__file__).resolve().parents[1] / "figures").glob("*.html"))
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium"
-)
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
 Image = pytest.importorskip("PIL.Image", reason="needs pillow to inspect screenshots")
 
@@ -62,10 +60,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     nontoxic = rng.normal(size=(30, 8))
     direction = toxic.mean(0) - nontoxic.mean(0)
     keys = ("method", "alpha", "perplexity", "expected_max_toxicity", "toxicity_probability")
-    sweep = [
-        dict(zip(keys, ("destein", a, 20 + 2 * a, 0.5 - 0.08 * a, 0.4 - 0.07 * a)))
-        for a in range(4)
-    ]
+    sweep = [dict(zip(keys, ("destein", a, 20 + 2 * a, 0.5 - 0.08 * a, 0.4 - 0.07 * a))) for a in range(4)]
     figures = {
         "probe": views.probe_heatmap(rng.uniform(0.5, 1, (6, 8)), top_k=3),
         "geometry": views.activation_geometry(
@@ -87,10 +82,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
     }
     out = tmp_path_factory.mktemp("figures")
-    return {
-        name: views.save_figure(fig, out, name, formats=("html",))[0]
-        for name, fig in figures.items()
-    }
+    return {name: views.save_figure(fig, out, name, formats=("html",))[0] for name, fig in figures.items()}
 
 
 def _render(browser: object, path: Path) -> tuple[object, bytes]:

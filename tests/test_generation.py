@@ -15,7 +15,9 @@ PROMPTS = ["The capital of France is", "Hello, my name is and I really like to",
 
 def _greedy_checks(model) -> None:
     cached = generate_ids(model, PROMPTS, GREEDY)
-    uncached = generate_ids(model, PROMPTS, SamplingConfig(do_sample=False, max_new_tokens=20, use_cache=False))
+    uncached = generate_ids(
+        model, PROMPTS, SamplingConfig(do_sample=False, max_new_tokens=20, use_cache=False)
+    )
     assert torch.equal(cached, uncached)
     for i, prompt in enumerate(PROMPTS):  # left padding in the batch changes no row
         assert torch.equal(generate_ids(model, [prompt], GREEDY)[0], cached[i])
@@ -30,7 +32,9 @@ def test_sampling_is_seeded_and_shaped(tiny_model) -> None:
     a = generate(tiny_model, ["you are", "the day"], config, progress=False)
     b = generate(tiny_model, ["you are", "the day"], config, progress=False)
     assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
-    c = generate(tiny_model, ["you are", "the day"], SamplingConfig(do_sample=True, n=3, seed=8), progress=False)
+    c = generate(
+        tiny_model, ["you are", "the day"], SamplingConfig(do_sample=True, n=3, seed=8), progress=False
+    )
     assert c != a
 
 
@@ -75,5 +79,7 @@ def test_real_greedy_cache_and_padding(real_model) -> None:
 def test_real_greedy_matches_hf_generate(real_model, hf_reference) -> None:
     prompt = real_model.tokenizer.decode(hf_reference["input_ids"][0], skip_special_tokens=True)
     ours = generate_ids(real_model, [prompt], GREEDY)
-    uncached = generate_ids(real_model, [prompt], SamplingConfig(do_sample=False, max_new_tokens=20, use_cache=False))
+    uncached = generate_ids(
+        real_model, [prompt], SamplingConfig(do_sample=False, max_new_tokens=20, use_cache=False)
+    )
     assert torch.equal(ours, hf_reference["greedy"]) and torch.equal(uncached, ours)

@@ -146,7 +146,7 @@ TSV_HEADER = "toxic\tneutral1\tneutral2\tneutral3\n"
 def test_tsv_takes_first_nonempty_neutral_and_folds_multiline_fields(tmp_path: Path) -> None:
     f = write(
         tmp_path / "p.tsv",
-        TSV_HEADER + 'shut up idiot\t\tplease stop\tbe quiet\n'
+        TSV_HEADER + "shut up idiot\t\tplease stop\tbe quiet\n"
         'damn  thing\t"this\nthing"\t\t\n'
         "what crap\twhat a pity\t\t\n",
     )
@@ -240,4 +240,3 @@ def test_hub_failure_is_one_line_error(offline_hub: None) -> None:
         message = str(err.value)
         assert "\n" not in message
         assert "hf:s-nlp/paradetox" in message and "unreachable" in message and ".tsv" in message
-

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import reference_destein as ref
 import torch
 from transformers import GPT2LMHeadModel
 
-import reference_destein as ref
 from destein_lens import DesteinError, SamplingConfig
 from destein_lens.activations import text_activations
 from destein_lens.generation import generate_ids
@@ -69,7 +69,9 @@ def test_additive_form_moves_by_alpha_w_v(tiny_model, vectors) -> None:
 
 def test_released_code_form_keeps_the_layer_norm(tiny_model, slice_vectors) -> None:
     before = _z(tiny_model, "attn_out_slices")
-    after = _z(tiny_model, "attn_out_slices", vectors=slice_vectors, alpha=0.4, form="released_code", heads=LAYER1)
+    after = _z(
+        tiny_model, "attn_out_slices", vectors=slice_vectors, alpha=0.4, form="released_code", heads=LAYER1
+    )
     assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1), atol=1e-5)
     assert not torch.allclose(after, before)
 
@@ -157,7 +159,9 @@ def test_released_code_path_matches_frozen_reference(tiny_model, tiny_model_dir)
     """The reference runs a separately loaded plain HF GPT-2; tolerances: 1e-5 on activations,
     exact probe accuracies (same sklearn estimator), 1e-4 on steered logits."""
     pairs = builtin_seed_pairs().head(20)
-    v = build_vectors(tiny_model, pairs, k=8, site="attn_out_slices", probe_texts="prefixed", probe_method="sklearn")
+    v = build_vectors(
+        tiny_model, pairs, k=8, site="attn_out_slices", probe_texts="prefixed", probe_method="sklearn"
+    )
     hf = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
     tok = tiny_model.tokenizer  # tokenisation is not the math under test; TL prepends BOS
     toxic, nontoxic = pairs.prefixed(*v.prefixes)

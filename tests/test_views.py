@@ -61,9 +61,7 @@ def test_head_grid_accepts_torch_and_rejects_bad_input() -> None:
     with pytest.raises(DesteinError, match="outside"):
         views.head_grid(np.ones((2, 3)), title="t", colorbar_title="c", marked=[(2, 0)])
     with pytest.raises(DesteinError, match="shape"):
-        views.head_grid(
-            np.ones((2, 3)), title="t", colorbar_title="c", hover={"x": np.ones((3, 2))}
-        )
+        views.head_grid(np.ones((2, 3)), title="t", colorbar_title="c", hover={"x": np.ones((3, 2))})
     with pytest.raises(DesteinError, match="2-D"):
         views.head_grid(np.ones(3), title="t", colorbar_title="c")
 
@@ -124,9 +122,7 @@ def test_activation_geometry_3d_uses_scatter3d() -> None:
 
 def test_activation_geometry_tsne_small_n_omits_direction() -> None:
     toxic, nontoxic = _classes(n=3, d=5)  # 9 points with steered: perplexity must be clipped
-    fig = views.activation_geometry(
-        toxic, nontoxic, direction=np.ones(5), steered=nontoxic, method="tsne"
-    )
+    fig = views.activation_geometry(toxic, nontoxic, direction=np.ones(5), steered=nontoxic, method="tsne")
     _assert_labelled(fig)
     assert [t.name for t in fig.data] == ["toxic", "non-toxic", "steered (after)"]
     assert [len(t.x) for t in fig.data] == [3, 3, 3]

@@ -1,0 +1,120 @@
+"""The run folder's human side: the comparison table (terminal, Markdown, HTML) and example generations."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .evaluation import METRICS_FILE, gens_path
+from .files import write_atomic
+
+COLUMNS = (
+    ("expected_max_toxicity", "EMT"),
+    ("expected_max_toxicity_std", "EMT std"),
+    ("toxicity_probability", "TP"),
+    ("perplexity", "PPL"),
+    ("dist_1", "dist-1"),
+    ("dist_2", "dist-2"),
+    ("dist_3", "dist-3"),
+    ("n_prompts", "prompts"),
+    ("samples", "samples"),
+)
+
+
+def methods_in(metrics: dict[str, Any]) -> list[str]:
+    return [k for k, v in metrics.items() if isinstance(v, dict) and "expected_max_toxicity" in v]
+
+
+def table_rows(metrics: dict[str, Any], split: str | None = None) -> list[list[str]]:
+    """One formatted row per method (optionally for the toxic / non-toxic prompt split)."""
+    rows = []
+    for method in methods_in(metrics):
+        m = metrics[method] if split is None else metrics[method].get(split)
+        if m is None:
+            continue
+        rows.append([method] + [_fmt(m[key]) for key, _ in COLUMNS])
+    return rows
+
+
+def text_table(metrics: dict[str, Any]) -> str:
+    """The comparison as aligned plain text, for the terminal."""
+    header = ["method"] + [label for _, label in COLUMNS]
+    rows = [header] + table_rows(metrics)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    return "\n".join([f"scorer: {metrics['scorer']}", *lines])
+
+
+def examples(out_dir: Path, methods: Sequence[str], n: int = 5) -> list[dict[str, Any]]:
+    """For the first n prompts: each method's most toxic continuation."""
+    per_method = {}
+    for method in methods:
+        lines = gens_path(out_dir, method).read_text(encoding="utf-8").splitlines()
+        per_method[method] = {row["prompt"]["id"]: row for row in map(json.loads, lines)}
+    first = methods[0]
+    out = []
+    for pid, row in list(per_method[first].items())[:n]:
+        item: dict[str, Any] = {"prompt": row["prompt"]["text"]}
+        for method in methods:
+            worst = max(per_method[method][pid]["generations"], key=lambda g: g["toxicity"])
+            item[method] = (worst["text"], worst["toxicity"])
+        out.append(item)
+    return out
+
+
+def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
+    """report.md and report.html from metrics.json and the generations."""
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    methods = methods_in(metrics)
+    header = ["method"] + [label for _, label in COLUMNS]
+    md = [f"# destein-lens run\n\nToxicity scorer: `{metrics['scorer']}` (continuations only).\n"]
+    sections = [("All prompts", None), ("Toxic prompts", "toxic"), ("Non-toxic prompts", "nontoxic")]
+    html_parts = [
+        f"<h1>destein-lens run</h1><p>Toxicity scorer: <code>{html.escape(metrics['scorer'])}</code></p>"
+    ]
+    for title, split in sections:
+        rows = table_rows(metrics, split)
+        if not rows:
+            continue
+        md += [f"## {title}\n", _md_table(header, rows), ""]
+        html_parts += [f"<h2>{title}</h2>", _html_table(header, rows)]
+    samples = examples(out_dir, methods, n_examples)
+    md.append("## Most toxic continuation per prompt (first prompts)\n")
+    html_parts.append("<h2>Most toxic continuation per prompt (first prompts)</h2>")
+    ex_header = ["prompt"] + methods
+    ex_rows = [[s["prompt"]] + [f"{s[m][0]!r} ({s[m][1]:.2f})" for m in methods] for s in samples]
+    md.append(_md_table(ex_header, ex_rows))
+    html_parts.append(_html_table(ex_header, ex_rows))
+    page = "<!doctype html><meta charset='utf-8'><title>destein-lens run</title>" + "".join(html_parts)
+    return [
+        write_atomic(out_dir / "report.md", "\n".join(md) + "\n"),
+        write_atomic(out_dir / "report.html", page),
+    ]
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    esc = [[c.replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
