@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from .errors import DesteinError
 
 Command = Callable[[argparse.Namespace], None]
-DEFAULT_ALPHA = 0.4
+DEFAULT_ALPHA = 0.1
 DEFAULT_SAMPLES = 5
 
 
@@ -125,6 +125,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     _evaluate(args, model, vectors, inputs, {"vectors_file": str(args.vectors)})
 
 
+def _cmd_figures(args: argparse.Namespace) -> None:
+    from .figures import make_figures
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device)
+    paths = make_figures(args.out, model=model, quick=args.quick, sweep_json=args.sweep, alpha=args.alpha)
+    print(f"wrote {len(paths)} files to {args.out} (see {args.out}/README.md)")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="HF id, local HF folder or .gguf file (default: gemma-3-270m)"
@@ -196,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", required=True, help="a .safetensors vector file (with its .json)")
     _add_eval_options(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("figures", help="regenerate every figure (HTML + PNG) and its README")
+    _add_model_options(p)
+    p.add_argument("--out", default="figures")
+    p.add_argument("--sweep", default=None, help="a benchmark sweep.json (default: run a small sweep)")
+    p.add_argument("--alpha", type=float, default=0.1, help="all-heads strength for geometry/generations")
+    p.add_argument("--quick", action="store_true", help="fewer pairs, prompts and samples")
+    p.set_defaults(func=_cmd_figures)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -518,9 +519,14 @@ def alpha_sweep(
     return _finish(fig, title)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def _cell_text(value: Any) -> str:
-    """Escape generated text: plotly renders a subset of HTML, and LM output has '<|...|>'."""
-    return html.escape(str(value)).replace("\n", "<br>")
+    """Escape generated text: plotly renders a subset of HTML, LM output has '<|...|>', and C0
+    control characters (byte-level tokens) break plotly.js in static export: shown as \\xNN."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    return html.escape(text).replace("\n", "<br>")
 
 
 def generation_table(
