@@ -106,8 +106,8 @@ def fit_probes(
     acts: [n_pairs, 2, n_layers, n_heads, d_head]; side 0 is toxic (label 1), side 1 its
     non-toxic paraphrase (label 0). The objective is sum(log-loss) + l2/2 * |w|^2 with the
     intercept unpenalised, i.e. sklearn's C = 1 / l2 (l2=1 is the released code's default).
-    standardize: scale each feature to unit variance on the train rows, per head (features are
-    always centred, which changes no logit). seed: the sklearn reference's random_state, as the
+    standardize: scale each feature to unit variance on the train rows, per head (the torch
+    path always centres, which changes no logit at the optimum). seed: the sklearn reference's random_state, as the
     released code passes it; neither lbfgs nor the Newton solver draws from it, so results
     do not depend on it.
     """
@@ -118,7 +118,9 @@ def fit_probes(
         raise DesteinError(f"l2 must be positive (sklearn's C = 1 / l2), got {l2}")
     n_pairs, _, n_layers, n_heads, _ = acts.shape
     n_train = train_pair_count(n_pairs, train_frac)
-    features = _features(acts.detach(), n_train, standardize)
+    # The sklearn reference on raw features mirrors the released code exactly (lbfgs stops on
+    # a gradient tolerance, so even centring would change which heads it gets right).
+    features = _features(acts.detach(), n_train, standardize, center=standardize or method == "torch")
     labels = torch.tensor([1.0, 0.0]).repeat(n_pairs)  # rows are (pair, side): toxic first
     n_rows = 2 * n_train
     if method == "torch":
@@ -155,10 +157,10 @@ def _check_acts(acts: torch.Tensor) -> None:
         raise DesteinError("probe activations contain NaN or inf")
 
 
-def _features(acts: torch.Tensor, n_train: int, standardize: bool) -> torch.Tensor:
+def _features(acts: torch.Tensor, n_train: int, standardize: bool, center: bool) -> torch.Tensor:
     """Per-head float32 features [L*H, 2*n_pairs, d_head]; rows are (pair, side), train first.
 
-    Always centred on the train mean: with the intercept unpenalised that only shifts the
+    Centred on the train mean (`center`): with the intercept unpenalised that only shifts the
     intercept (no logit changes) and keeps float32 Newton well conditioned. At research scale
     this is ~200 MB, built in one allocation and transformed in place: fresh tensors that
     size cost more (page faults) than the arithmetic done on them.
@@ -167,7 +169,8 @@ def _features(acts: torch.Tensor, n_train: int, standardize: bool) -> torch.Tens
     features = torch.empty(n_layers * n_heads, 2 * n_pairs, d_head)
     features.copy_(einops.rearrange(acts, "p s l h d -> (l h) (p s) d"))
     train = features[:, : 2 * n_train]
-    features.sub_(train.mean(dim=1, keepdim=True))
+    if center:
+        features.sub_(train.mean(dim=1, keepdim=True))
     if standardize:
         std = torch.linalg.vector_norm(train, dim=1, keepdim=True) / math.sqrt(2 * n_train)
         features.div_(torch.where(std > 0, std, 1.0))  # constant feature: as StandardScaler

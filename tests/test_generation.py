@@ -83,3 +83,29 @@ def test_real_greedy_matches_hf_generate(real_model, hf_reference) -> None:
         real_model, [prompt], SamplingConfig(do_sample=False, max_new_tokens=20, use_cache=False)
     )
     assert torch.equal(ours, hf_reference["greedy"]) and torch.equal(uncached, ours)
+
+
+@pytest.mark.parametrize("kwargs", [{"top_p": 0.9}, {"top_k": 5, "top_p": 0.8}, {"top_k": 7}, {"temperature": 0.7}])
+def test_sampler_matches_hf_warpers(kwargs) -> None:
+    """Our topk-based nucleus sampler draws from the distribution HF's warpers define."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from destein_lens.generation import _sample
+
+    config = SamplingConfig(do_sample=True, **kwargs)
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 2
+    ref = logits.clone()
+    for warper, on in [
+        (TemperatureLogitsWarper(config.temperature), config.temperature != 1.0),
+        (TopKLogitsWarper(config.top_k or 1), config.top_k is not None),
+        (TopPLogitsWarper(config.top_p or 1.0), config.top_p is not None),
+    ]:
+        ref = warper(None, ref) if on else ref
+    ref = ref.softmax(-1)
+    generator, n = torch.Generator().manual_seed(1), 20000
+    counts = torch.zeros_like(ref)
+    for _ in range(n // 100):
+        draws = torch.stack([_sample(logits, config, generator) for _ in range(100)], 1)
+        counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=counts.dtype))
+    assert not ((counts > 0) & (ref == 0)).any()  # never outside HF's support
+    assert ((counts / n - ref).abs().sum(-1) / 2).max() < 0.02  # total variation, sampling noise

@@ -188,7 +188,7 @@ def test_random_model_induces_nothing(tiny_model) -> None:
 @pytest.mark.real
 def test_real_model_induces_pairs(real_model) -> None:
     seeds = builtin_seed_pairs()
-    result = induce_pairs(real_model, seeds, n_pairs=2, max_attempts=24, batch_size=8, seed=0, progress=False)
+    result = induce_pairs(real_model, seeds, n_pairs=2, max_attempts=64, batch_size=16, seed=0, progress=False)
     pairs = result.pairs
     assert len(pairs) == 2
     assert pairs.source == "self-induced:gemma-3-270m"
@@ -200,4 +200,4 @@ def test_real_model_induces_pairs(real_model) -> None:
         assert len(tox.split()) >= 4 and len(non.split()) >= 4
         assert tox.casefold() != non.casefold()
         assert tox.casefold() not in seed_texts and non.casefold() not in seed_texts
-    assert len(pairs) + sum(result.rejected.values()) == result.tried <= 24
+    assert len(pairs) + sum(result.rejected.values()) == result.tried <= 64

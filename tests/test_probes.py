@@ -71,7 +71,7 @@ def test_torch_logits_match_sklearn_decision_function(n_pairs: int, d_head: int)
 
     acts = planted_acts(n_pairs, d_head, shift=1.0)
     n_train = train_pair_count(n_pairs, 0.8)
-    features = _features(acts, n_train, standardize=True)
+    features = _features(acts, n_train, standardize=True, center=True)
     y = torch.tensor([1.0, 0.0]).repeat(n_train)
     logits = _fit_torch(features, y, l2=1.0)
 
