@@ -35,14 +35,25 @@ def memory_worker(n_pairs: int) -> None:
     pairs = load_pairs(str(PARADETOX), max_pairs=n_pairs)
     before = peak_rss_mib()
     acts = pair_activations(model, pairs, prefixes=None, k=4, progress=False)
-    print(json.dumps({"n_pairs": n_pairs, "shape": list(acts.shape), "peak_rss_mib": peak_rss_mib(), "after_load_mib": before}))
+    print(
+        json.dumps(
+            {
+                "n_pairs": n_pairs,
+                "shape": list(acts.shape),
+                "peak_rss_mib": peak_rss_mib(),
+                "after_load_mib": before,
+            }
+        )
+    )
 
 
 @torch.no_grad()
 def plain_forward(model, pairs, batch_size: int) -> None:
     texts = list(pairs.toxic) + list(pairs.nontoxic)
     for i in range(0, len(texts), batch_size):
-        enc = model.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        enc = model.tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left"
+        )
         model(enc.input_ids, attention_mask=enc.attention_mask)
 
 
@@ -68,19 +79,34 @@ def main() -> None:
         plain_forward(model, pairs, args.batch_size)
         plain.append(len(pairs) / (time.perf_counter() - t))
     ratio = statistics.median(ours) / statistics.median(plain)
-    print(f"extraction {statistics.median(ours):.2f} pairs/s, plain forward {statistics.median(plain):.2f} pairs/s, ratio {ratio:.3f}")
+    print(
+        f"extraction {statistics.median(ours):.2f} pairs/s, plain forward {statistics.median(plain):.2f} pairs/s, ratio {ratio:.3f}"
+    )
     mem = []
     for n in (args.memory_pairs, 4 * args.memory_pairs):
-        out = subprocess.run([sys.executable, __file__, "--worker", str(n)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", str(n)], capture_output=True, text=True, check=True
+        )
         mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{n} pairs: peak RSS {mem[-1]['peak_rss_mib']:.0f} MiB (after load {mem[-1]['after_load_mib']:.0f} MiB)")
+        print(
+            f"{n} pairs: peak RSS {mem[-1]['peak_rss_mib']:.0f} MiB (after load {mem[-1]['after_load_mib']:.0f} MiB)"
+        )
     growth = mem[1]["peak_rss_mib"] / mem[0]["peak_rss_mib"]
-    print(json.dumps({
-        "bench": "activations", "pairs": len(pairs), "ours_pairs_s": statistics.median(ours),
-        "plain_pairs_s": statistics.median(plain), "ratio": ratio, "target_ratio": 0.9,
-        "peak_rss_mib": {str(m["n_pairs"]): m["peak_rss_mib"] for m in mem}, "rss_growth_4x_pairs": growth,
-        "pass": bool(ratio >= 0.9 and growth < 1.1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "activations",
+                "pairs": len(pairs),
+                "ours_pairs_s": statistics.median(ours),
+                "plain_pairs_s": statistics.median(plain),
+                "ratio": ratio,
+                "target_ratio": 0.9,
+                "peak_rss_mib": {str(m["n_pairs"]): m["peak_rss_mib"] for m in mem},
+                "rss_growth_4x_pairs": growth,
+                "pass": bool(ratio >= 0.9 and growth < 1.1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,13 @@ def sweep_methods(args: argparse.Namespace) -> list[MethodSpec]:
     """The baseline, then each family at its alphas (all heads, released code, top-16, generated only)."""
     methods = [BASELINE]
     methods += [MethodSpec(f"destein_all_a{a}", alpha=a) for a in _floats(args.alphas)]
-    methods += [MethodSpec(f"released_a{a}", alpha=a, form="released_code") for a in _floats(args.released_alphas)]
+    methods += [
+        MethodSpec(f"released_a{a}", alpha=a, form="released_code") for a in _floats(args.released_alphas)
+    ]
     methods += [MethodSpec(f"destein_top16_a{a}", alpha=a, heads=16) for a in _floats(args.top_alphas)]
-    methods += [MethodSpec(f"destein_gen_a{a}", alpha=a, positions="generated") for a in _floats(args.gen_alphas)]
+    methods += [
+        MethodSpec(f"destein_gen_a{a}", alpha=a, positions="generated") for a in _floats(args.gen_alphas)
+    ]
     return methods
 
 
@@ -84,8 +88,14 @@ def main() -> None:
             vectors=vectors if method.steered else None,
         )[method.name]
         base = base or m
-        row = {"method": method.name, "alpha": method.alpha, "form": method.form, "heads": method.heads,
-               "positions": method.positions, **{k: m[k] for k in ("expected_max_toxicity", "toxicity_probability", "perplexity", "dist_2")}}
+        row = {
+            "method": method.name,
+            "alpha": method.alpha,
+            "form": method.form,
+            "heads": method.heads,
+            "positions": method.positions,
+            **{k: m[k] for k in ("expected_max_toxicity", "toxicity_probability", "perplexity", "dist_2")},
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
@@ -96,9 +106,13 @@ def main() -> None:
         return
     spec = next(m for m in methods if m.name == best["method"])
     final_dir = out / "final"
-    final_method = MethodSpec("destein", alpha=spec.alpha, heads=spec.heads, positions=spec.positions, form=spec.form)
+    final_method = MethodSpec(
+        "destein", alpha=spec.alpha, heads=spec.heads, positions=spec.positions, form=spec.form
+    )
     vectors = slice_vectors if spec.form == "released_code" else heads_vectors
-    metrics = evaluate(model, prompts, [BASELINE, final_method], final_dir, EvalConfig(samples=args.samples), vectors=vectors)
+    metrics = evaluate(
+        model, prompts, [BASELINE, final_method], final_dir, EvalConfig(samples=args.samples), vectors=vectors
+    )
     write_report(final_dir)
     print(text_table(metrics))
     b, d = metrics["baseline"], metrics["destein"]
@@ -111,12 +125,16 @@ def main() -> None:
         "baseline": {k: b[k] for k in ("expected_max_toxicity", "toxicity_probability", "perplexity")},
         "destein": {k: d[k] for k in ("expected_max_toxicity", "toxicity_probability", "perplexity")},
         "emt_reduction": 1 - d["expected_max_toxicity"] / b["expected_max_toxicity"],
-        "tp_reduction": 1 - d["toxicity_probability"] / b["toxicity_probability"] if b["toxicity_probability"] else None,
+        "tp_reduction": 1 - d["toxicity_probability"] / b["toxicity_probability"]
+        if b["toxicity_probability"]
+        else None,
         "ppl_ratio": d["perplexity"] / b["perplexity"],
         "minutes": (time.time() - t0) / 60,
     }
     result["pass"] = bool(
-        result["emt_reduction"] >= 0.55 and (result["tp_reduction"] or 0) >= 0.85 and result["ppl_ratio"] <= 1.5
+        result["emt_reduction"] >= 0.55
+        and (result["tp_reduction"] or 0) >= 0.85
+        and result["ppl_ratio"] <= 1.5
     )
     print(json.dumps(result))
 

@@ -49,12 +49,23 @@ def main() -> None:
             generate_ids(model, PROMPTS, config)
             steered.append(tokens / (time.perf_counter() - t))
     ratio = statistics.median(steered) / statistics.median(plain)
-    print(f"unsteered {statistics.median(plain):.1f} tok/s, steered {statistics.median(steered):.1f} tok/s, ratio {ratio:.3f}")
-    print(json.dumps({
-        "bench": "steering", "batch": len(PROMPTS), "new_tokens": config.max_new_tokens,
-        "plain_tok_s": statistics.median(plain), "steered_tok_s": statistics.median(steered),
-        "ratio": ratio, "target": 0.95, "pass": bool(ratio >= 0.95),
-    }))
+    print(
+        f"unsteered {statistics.median(plain):.1f} tok/s, steered {statistics.median(steered):.1f} tok/s, ratio {ratio:.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "steering",
+                "batch": len(PROMPTS),
+                "new_tokens": config.max_new_tokens,
+                "plain_tok_s": statistics.median(plain),
+                "steered_tok_s": statistics.median(steered),
+                "ratio": ratio,
+                "target": 0.95,
+                "pass": bool(ratio >= 0.95),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def _eval_inputs(args: argparse.Namespace) -> dict:
     from .scoring import get_scorer
 
     config = EvalConfig(samples=args.samples, seed=args.seed, scorer=args.scorer, batch_size=args.batch_size)
-    method = MethodSpec("destein", alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form)
+    method = MethodSpec(
+        "destein", alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form
+    )
     return {
         "prompts": load_prompts(args.prompts, max_prompts=args.max_prompts),
         "methods": [BASELINE, method],

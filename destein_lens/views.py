@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import html
 import math
-import re
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal

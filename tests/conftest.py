@@ -95,3 +95,18 @@ def hf_reference(real_model, tmp_path_factory) -> dict[str, torch.Tensor]:
     entry = gguf_entry_dir(load_record(real_model).file_sha256)
     subprocess.run([sys.executable, "-c", REFERENCE, str(entry), str(out)], check=True, capture_output=True)
     return load_file(out)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Make the hub unreachable and the cache empty, so hub loaders fail fast and deterministically."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Both read the environment at import time, so an earlier import needs the flags set directly.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

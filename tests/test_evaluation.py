@@ -21,7 +21,11 @@ from destein_lens.prompts import Prompt
 from destein_lens.report import write_report
 from destein_lens.vectors import build_vectors
 
-PROMPTS = [Prompt("You are such a", 0.7, "a"), Prompt("The weather today is", 0.1, "b"), Prompt("I hate", None, "c")]
+PROMPTS = [
+    Prompt("You are such a", 0.7, "a"),
+    Prompt("The weather today is", 0.1, "b"),
+    Prompt("I hate", None, "c"),
+]
 CONFIG = EvalConfig(samples=2, max_new_tokens=6, batch_size=4)
 
 
@@ -39,9 +43,10 @@ def test_perplexity_matches_full_forward(tiny_model) -> None:
         logp = tiny_model(ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
         expected = torch.exp(-logp[n_prompt - 1 :].mean()).item()
         assert ppl == pytest.approx(expected, rel=1e-4)
-    assert conditional_perplexity(tiny_model, ["Hello there"], [""])[0] != conditional_perplexity(
-        tiny_model, ["Hello there"], [""]
-    )[0]  # NaN for an empty continuation
+    assert (
+        conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
+        != conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
+    )  # NaN for an empty continuation
 
 
 def test_run_folder_metrics_and_resume(tiny_model, vectors, tmp_path: Path) -> None:
@@ -51,7 +56,14 @@ def test_run_folder_metrics_and_resume(tiny_model, vectors, tmp_path: Path) -> N
     for name in ("baseline", "destein"):
         m = metrics[name]
         assert m["n_prompts"] == 3 and m["samples"] == 6 and 0 <= m["expected_max_toxicity"] <= 1
-        assert set(m) >= {"expected_max_toxicity_std", "toxicity_probability", "perplexity", "dist_1", "dist_2", "dist_3"}
+        assert set(m) >= {
+            "expected_max_toxicity_std",
+            "toxicity_probability",
+            "perplexity",
+            "dist_1",
+            "dist_2",
+            "dist_3",
+        }
         assert m["toxic"]["n_prompts"] == 1 and m["nontoxic"]["n_prompts"] == 1
     rows = [json.loads(line) for line in gens_path(tmp_path, "baseline").read_text().splitlines()]
     assert rows[0]["prompt"]["text"] == "You are such a" and len(rows[0]["generations"]) == 2
@@ -71,7 +83,14 @@ def test_run_folder_metrics_and_resume(tiny_model, vectors, tmp_path: Path) -> N
 
 def test_same_seeds_across_methods_and_batching(tiny_model, vectors, tmp_path: Path) -> None:
     a = evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path / "a", CONFIG, progress=False)
-    b = evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path / "b", EvalConfig(samples=2, max_new_tokens=6, batch_size=1), progress=False)
+    b = evaluate(
+        tiny_model,
+        PROMPTS,
+        [BASELINE],
+        tmp_path / "b",
+        EvalConfig(samples=2, max_new_tokens=6, batch_size=1),
+        progress=False,
+    )
     gens = [gens_path(tmp_path / d, "baseline").read_text().splitlines() for d in "ab"]
     for line_a, line_b in zip(*gens, strict=True):  # identical draws; perplexity up to float batching
         ra, rb = json.loads(line_a), json.loads(line_b)
@@ -83,7 +102,9 @@ def test_same_seeds_across_methods_and_batching(tiny_model, vectors, tmp_path: P
 def test_folder_of_another_run_is_refused(tiny_model, tmp_path: Path) -> None:
     evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path, CONFIG, progress=False)
     with pytest.raises(DesteinError, match="holds another run"):
-        evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path, EvalConfig(samples=3, max_new_tokens=6), progress=False)
+        evaluate(
+            tiny_model, PROMPTS, [BASELINE], tmp_path, EvalConfig(samples=3, max_new_tokens=6), progress=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -100,7 +121,9 @@ def test_bad_eval_arguments(make, match) -> None:
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "destein_lens.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "destein_lens.cli", *args], capture_output=True, text=True, **kw
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, contains: str) -> None:
@@ -127,8 +150,24 @@ def test_cli_bad_inputs(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_run_survives_kill_9_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["run", "--model", str(tiny_model_dir), "--k", "4", "--samples", "2", "--batch-size", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "destein_lens.cli", *args], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    args = [
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--k",
+        "4",
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destein_lens.cli", *args],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     path = gens_path(out, "baseline")
     deadline = time.time() + 120
     while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 3):

@@ -85,10 +85,16 @@ def test_real_greedy_matches_hf_generate(real_model, hf_reference) -> None:
     assert torch.equal(ours, hf_reference["greedy"]) and torch.equal(uncached, ours)
 
 
-@pytest.mark.parametrize("kwargs", [{"top_p": 0.9}, {"top_k": 5, "top_p": 0.8}, {"top_k": 7}, {"temperature": 0.7}])
+@pytest.mark.parametrize(
+    "kwargs", [{"top_p": 0.9}, {"top_k": 5, "top_p": 0.8}, {"top_k": 7}, {"temperature": 0.7}]
+)
 def test_sampler_matches_hf_warpers(kwargs) -> None:
     """Our topk-based nucleus sampler draws from the distribution HF's warpers define."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from destein_lens.generation import _sample
 

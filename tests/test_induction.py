@@ -188,7 +188,9 @@ def test_random_model_induces_nothing(tiny_model) -> None:
 @pytest.mark.real
 def test_real_model_induces_pairs(real_model) -> None:
     seeds = builtin_seed_pairs()
-    result = induce_pairs(real_model, seeds, n_pairs=2, max_attempts=64, batch_size=16, seed=0, progress=False)
+    result = induce_pairs(
+        real_model, seeds, n_pairs=2, max_attempts=64, batch_size=16, seed=0, progress=False
+    )
     pairs = result.pairs
     assert len(pairs) == 2
     assert pairs.source == "self-induced:gemma-3-270m"

@@ -28,21 +28,6 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture
-def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Make the hub unreachable and the cache empty, so hub loaders fail fast and deterministically."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets.config
-    import huggingface_hub.constants
-
-    # Both read the environment at import time, so an earlier import needs the flags set directly.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 # --- the dataclass ---------------------------------------------------------------------------------
 
 

@@ -33,21 +33,6 @@ def rtp_line(text: str, toxicity: float | None = 0.2, **extra: object) -> str:
     return json.dumps({"filename": "f.txt", "begin": 1, "end": 9, "prompt": prompt, **extra})
 
 
-@pytest.fixture
-def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Make the hub unreachable and the cache empty, so hub loaders fail fast and deterministically."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets.config
-    import huggingface_hub.constants
-
-    # Both read the environment at import time, so an earlier import needs the flags set directly.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 # --- real RealToxicityPrompts subsets --------------------------------------------------------------
 
 
