@@ -15,7 +15,7 @@ from .errors import DesteinError
 
 Command = Callable[[argparse.Namespace], None]
 DEFAULT_ALPHA = 0.1
-DEFAULT_SAMPLES = 5
+DEFAULT_SAMPLES = 10
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
