@@ -1,14 +1,19 @@
 """Batched torch probes vs the released code's per-head sklearn loop, at GPT2-large scale.
 
-Both methods fit the same problem (standardised features, C = 1 / l2, pair-level 80/20
-split); sklearn runs its default lbfgs solver with the released code's max_iter=1000.
+Both methods fit the same problem (C = 1 / l2, pair-level 80/20 split), in both feature
+settings: "standardised" (the default of `fit_probes`) and "raw" (the released code's: raw
+activations into sklearn); sklearn runs its default lbfgs solver with max_iter=1000.
 Default data is synthetic: 36 layers x 20 heads, 500 pairs x 2 sides, d_head 64, a few
 heads clearly separable, some weakly, most not; paraphrase pairs share a content vector, as
-real pairs share most of their text. `--acts PATH` runs the same comparison on a real
-activation tensor (safetensors, key "acts", [n_pairs, 2, n_layers, n_heads, d_head]).
+real pairs share most of their text. `--real PAIRS` runs the same comparison on the default
+model's real activations of those pairs ("builtin" seeds, or e.g. the ParaDetox TSV with
+--max-pairs; bare texts, as probes are fitted by default), extracted once and kept in
+runs/bench_probes/; `--acts PATH` on any activation tensor (safetensors, key "acts",
+[n_pairs, 2, n_layers, n_heads, d_head]).
 Each method runs --repeat times, interleaved, and its best wall time counts (other processes
-on a shared machine only ever add time). The last line printed is one JSON object with the
-measured figures.
+on a shared machine only ever add time); each run starts after a short pause, because the
+worker threads one library leaves spinning would otherwise steal the cores of the next run.
+The last line printed is one JSON object with the measured figures.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ import argparse
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
+from sklearn.exceptions import ConvergenceWarning
 
+from destein_lens.activations import pair_activations
 from destein_lens.errors import DesteinError
-from destein_lens.probes import ProbeResult, fit_probes
+from destein_lens.files import write_atomic
+from destein_lens.models import load_model
+from destein_lens.pairs import SteeringPairs, load_pairs
+from destein_lens.probes import ProbeResult, fit_probes, train_pair_count
+
+PARADETOX = Path(__file__).resolve().parents[2] / "shared" / "data" / "paradetox" / "paradetox.tsv"
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench_probes"
 
 
 def synthetic_acts(
@@ -60,74 +74,112 @@ def load_acts(path: Path) -> torch.Tensor:
     return tensors["acts"]
 
 
-def timed(acts: torch.Tensor, method: str) -> tuple[ProbeResult, float]:
+def real_acts(spec: str, n_pairs: int | None, k: int = 8) -> Path:
+    """The default model's bare-text head activations (last-k mean) of the pairs `spec` names
+    (`load_pairs`: "builtin" seeds, a .jsonl/.tsv file), up to n_pairs of those whose two
+    sides both have k tokens; extracted on first use and kept under runs/bench_probes/."""
+    model = load_model()
+    pairs = load_pairs(spec)
+    lengths = [len(ids) for ids in model.tokenizer(list(pairs.toxic + pairs.nontoxic)).input_ids]
+    keep = [i for i in range(len(pairs)) if min(lengths[i], lengths[len(pairs) + i]) >= k][:n_pairs]
+    pairs = SteeringPairs([pairs.toxic[i] for i in keep], [pairs.nontoxic[i] for i in keep], pairs.source)
+    path = RUNS / f"{pairs.sha256()[:16]}_k{k}.safetensors"
+    if not path.exists():
+        acts = pair_activations(model, pairs, prefixes=None, k=k)
+        write_atomic(path, save({"acts": acts.contiguous()}))
+    return path
+
+
+# Long enough for OpenBLAS/OpenMP workers to stop spinning after the previous run.
+SETTLE_S = 0.5
+
+
+def timed(acts: torch.Tensor, method: str, standardize: bool) -> tuple[ProbeResult, float]:
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
-    result = fit_probes(acts, method=method)
+    result = fit_probes(acts, method=method, standardize=standardize)
     return result, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--acts", type=Path, help="safetensors file with key 'acts'")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per method; the best counts")
-    args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    acts = synthetic_acts() if args.acts is None else load_acts(args.acts)
-    n_pairs, _, n_layers, n_heads, d_head = acts.shape
-    load_before = os.getloadavg()[0]
-    # warm-up on a slice: first-call costs (sklearn import, thread pools) are not the solver's
-    for method in ("torch", "sklearn"):
-        fit_probes(acts[:, :, :1, :2], method=method)
-
-    # interleaved, best of --repeat: both methods see the same background load
+def compare(acts: torch.Tensor, standardize: bool, repeat: int) -> dict[str, object]:
+    """Interleaved best-of-`repeat` timings of both methods, and how far their results agree."""
     torch_times, sklearn_times = [], []
-    for _ in range(args.repeat):
-        fast, seconds = timed(acts, "torch")
+    for _ in range(repeat):
+        fast, seconds = timed(acts, "torch", standardize)
         torch_times.append(seconds)
-        slow, seconds = timed(acts, "sklearn")
+        slow, seconds = timed(acts, "sklearn", standardize)
         sklearn_times.append(seconds)
     torch_s, sklearn_s = min(torch_times), min(sklearn_times)
     diff = (fast.accuracy - slow.accuracy).abs()
-    k = min(36, n_layers * n_heads)
-    figures = {
-        "bench": "probes",
-        "source": "synthetic" if args.acts is None else str(args.acts),
-        "heads": n_layers * n_heads,
-        "samples": 2 * n_pairs,
-        "d_head": d_head,
-        "test_pairs": fast.n_test_pairs,
-        "threads": torch.get_num_threads(),
-        "sklearn_solver": "lbfgs",
-        "torch_s": round(torch_s, 3),
-        "sklearn_s": round(sklearn_s, 3),
+    k = min(36, fast.accuracy.numel())
+    return {
+        "torch_s": round(torch_s, 4),
+        "sklearn_s": round(sklearn_s, 4),
         "speedup": round(sklearn_s / torch_s, 2),
-        "torch_runs_s": [round(t, 3) for t in torch_times],
-        "sklearn_runs_s": [round(t, 3) for t in sklearn_times],
+        "torch_runs_s": [round(t, 4) for t in torch_times],
+        "sklearn_runs_s": [round(t, 4) for t in sklearn_times],
         "torch_mean_acc": round(fast.accuracy.mean().item(), 4),
         "sklearn_mean_acc": round(slow.accuracy.mean().item(), 4),
         "mean_abs_acc_diff": round(diff.mean().item(), 5),
         "max_abs_acc_diff": round(diff.max().item(), 4),
         "top_k": k,
         "top_k_overlap": len(set(fast.top_k(k)) & set(slow.top_k(k))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--acts", type=Path, help="safetensors file with key 'acts'")
+    source.add_argument(
+        "--real", metavar="PAIRS", help="the default model's activations of these pairs: 'builtin' or a file"
+    )
+    parser.add_argument("--max-pairs", type=int, help="with --real: use at most this many pairs")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per method; the best counts")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    if args.real is not None:
+        args.acts = real_acts(args.real, args.max_pairs)
+    acts = synthetic_acts() if args.acts is None else load_acts(args.acts)
+    n_pairs, _, n_layers, n_heads, d_head = acts.shape
+    load_before = os.getloadavg()[0]
+    # warm-up on a slice: first-call costs (sklearn import, thread pools) are not the solver's
+    for method in ("torch", "sklearn"):
+        fit_probes(acts[:, :, :1, :2], method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # lbfgs on raw features hits max_iter
+        settings = {
+            name: compare(acts, standardize, args.repeat)
+            for name, standardize in (("standardised", True), ("raw", False))
+        }
+    figures = {
+        "bench": "probes",
+        "source": "synthetic" if args.acts is None else str(args.acts),
+        "heads": n_layers * n_heads,
+        "samples": 2 * n_pairs,
+        "d_head": d_head,
+        "train_rows": 2 * train_pair_count(n_pairs, 0.8),
+        "threads": torch.get_num_threads(),
+        "sklearn_solver": "lbfgs",
+        **settings,
         "loadavg_1m_before": round(load_before, 2),  # other processes on the box skew wall times
     }
     print(
         f"{figures['heads']} heads x {figures['samples']} samples x d_head {d_head} "
         f"({figures['source']}), {figures['threads']} threads"
     )
-    print(f"torch   (batched Newton): {torch_s:7.2f} s  held-out mean acc {figures['torch_mean_acc']:.4f}")
-    print(
-        f"sklearn (lbfgs per head): {sklearn_s:7.2f} s  held-out mean acc {figures['sklearn_mean_acc']:.4f}"
-    )
-    print(
-        f"speedup {figures['speedup']:.1f}x, mean |acc diff| {figures['mean_abs_acc_diff']:.5f}"
-        f", max {figures['max_abs_acc_diff']:.4f}, top-{k} overlap {figures['top_k_overlap']}"
-    )
+    for name, m in settings.items():
+        print(
+            f"{name:>12}: torch {m['torch_s']:.3f} s, sklearn lbfgs loop {m['sklearn_s']:.3f} s, "
+            f"speedup {m['speedup']:.1f}x; held-out mean acc {m['torch_mean_acc']:.4f} vs "
+            f"{m['sklearn_mean_acc']:.4f}, mean |diff| {m['mean_abs_acc_diff']:.5f}, "
+            f"top-{m['top_k']} overlap {m['top_k_overlap']}"
+        )
     print(json.dumps(figures))
 
 

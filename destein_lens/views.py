@@ -394,7 +394,7 @@ def top_heads_geometry(
         horizontal_spacing=0.08,
         vertical_spacing=min(0.12, 0.9 / (rows - 1)) if rows > 1 else 0.12,
     )
-    for i, (label, toxic, nontoxic, direction) in enumerate(per_head):
+    for i, (_, toxic, nontoxic, direction) in enumerate(per_head):
         row, col = divmod(i, cols)
         sets = _class_points(toxic, nontoxic, None)
         pca = _fit_pca(sets[0], sets[1], 2)

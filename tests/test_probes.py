@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from destein_lens import probes
 from destein_lens.errors import DesteinError
 from destein_lens.probes import ProbeResult, _features, _fit_torch, fit_probes, train_pair_count
 
@@ -33,7 +34,7 @@ def noise_mask(result: ProbeResult) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("n_pairs", "d_head"),
-    [(300, 16), (40, 128)],  # 480 train rows > 16 features; 64 train rows < 128 (dual path)
+    [(300, 16), (40, 128)],  # 480 train rows > 16 features; 64 train rows < 128 (kernel path)
     ids=["n>d", "n<d"],
 )
 def test_planted_heads_rank_first_and_noise_is_chance(n_pairs: int, d_head: int) -> None:
@@ -62,7 +63,7 @@ def test_torch_agrees_with_sklearn(n_pairs: int, d_head: int) -> None:
 
 @pytest.mark.parametrize(("n_pairs", "d_head"), [(300, 16), (24, 64)], ids=["n>d", "n<d"])
 def test_torch_logits_match_sklearn_decision_function(n_pairs: int, d_head: int) -> None:
-    """Same optimum, not just similar accuracy: the n<d (Woodbury) step is exact.
+    """Same optimum, not just similar accuracy: the n<d (kernel) solver is exact.
 
     The reference is a tightly converged float64 fit (sklearn's exact Newton solver); the
     float32 Newton stops at a gradient of 1e-5 per row, within ~1e-3 of the optimum's logits.
@@ -71,15 +72,38 @@ def test_torch_logits_match_sklearn_decision_function(n_pairs: int, d_head: int)
 
     acts = planted_acts(n_pairs, d_head, shift=1.0)
     n_train = train_pair_count(n_pairs, 0.8)
-    features = _features(acts, n_train, standardize=True, center=True)
+    features = _features(acts, n_train, standardize=True)
     y = torch.tensor([1.0, 0.0]).repeat(n_train)
-    logits = _fit_torch(features, y, l2=1.0)
+    logits = _fit_torch(acts, n_train, l2=1.0, standardize=True)
 
     for head, head_logits in zip(features.double().numpy(), logits, strict=True):
         clf = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-10, max_iter=1000)
         expected = torch.from_numpy(clf.fit(head[: len(y)], y.numpy()).decision_function(head))
         error = (head_logits.double() - expected).abs().max() / expected.abs().max()
         assert error < 2e-3
+
+
+@pytest.mark.parametrize(("n_pairs", "d_head"), [(300, 16), (24, 64)], ids=["n>d", "n<d"])
+def test_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch, n_pairs: int, d_head: int) -> None:
+    """Heads solved in one chunk or one at a time (each straggler reloaded alone) agree."""
+    acts = planted_acts(n_pairs, d_head, shift=3.0)
+    n_train = train_pair_count(n_pairs, 0.8)
+    whole = probes._fit_torch(acts, n_train, l2=1.0, standardize=True)
+    unsolved = []
+    majorise = probes._majorise
+
+    def recording(*args: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        coef, left = majorise(*args)
+        unsolved.append(left)
+        return coef, left
+
+    monkeypatch.setattr(probes, "_CHUNK_BYTES", 1)  # one head per chunk
+    monkeypatch.setattr(probes, "_majorise", recording)
+    single = probes._fit_torch(acts, n_train, l2=1.0, standardize=True)
+
+    assert torch.allclose(single, whole, rtol=1e-4, atol=1e-4)
+    if 2 * n_train > d_head:  # the planted heads outrun the bound and finish with Newton
+        assert len(unsolved) == 12 and 0 < int(torch.cat(unsolved).sum()) < 12
 
 
 def test_split_keeps_pairs_whole() -> None:
