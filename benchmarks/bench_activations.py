@@ -80,7 +80,8 @@ def main() -> None:
         plain.append(len(pairs) / (time.perf_counter() - t))
     ratio = statistics.median(ours) / statistics.median(plain)
     print(
-        f"extraction {statistics.median(ours):.2f} pairs/s, plain forward {statistics.median(plain):.2f} pairs/s, ratio {ratio:.3f}"
+        f"extraction {statistics.median(ours):.2f} pairs/s, "
+        f"plain forward {statistics.median(plain):.2f} pairs/s, ratio {ratio:.3f}"
     )
     mem = []
     for n in (args.memory_pairs, 4 * args.memory_pairs):
@@ -89,7 +90,8 @@ def main() -> None:
         )
         mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(
-            f"{n} pairs: peak RSS {mem[-1]['peak_rss_mib']:.0f} MiB (after load {mem[-1]['after_load_mib']:.0f} MiB)"
+            f"{n} pairs: peak RSS {mem[-1]['peak_rss_mib']:.0f} MiB "
+            f"(after load {mem[-1]['after_load_mib']:.0f} MiB)"
         )
     growth = mem[1]["peak_rss_mib"] / mem[0]["peak_rss_mib"]
     print(

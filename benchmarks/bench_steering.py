@@ -50,7 +50,8 @@ def main() -> None:
             steered.append(tokens / (time.perf_counter() - t))
     ratio = statistics.median(steered) / statistics.median(plain)
     print(
-        f"unsteered {statistics.median(plain):.1f} tok/s, steered {statistics.median(steered):.1f} tok/s, ratio {ratio:.3f}"
+        f"unsteered {statistics.median(plain):.1f} tok/s, "
+        f"steered {statistics.median(steered):.1f} tok/s, ratio {ratio:.3f}"
     )
     print(
         json.dumps(

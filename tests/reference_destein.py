@@ -29,7 +29,8 @@ def head_out_means(model, tokenizer, texts, k=8):
     for text in texts:
         captured = []
         handles = [
-            m.register_forward_hook(lambda _m, _i, o: captured.append(o)) for m in _cproj_modules(model)
+            m.register_forward_hook(lambda _m, _i, o, sink=captured: sink.append(o))
+            for m in _cproj_modules(model)
         ]
         model(tokenizer(text, return_tensors="pt").input_ids)
         for h in handles:
