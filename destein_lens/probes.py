@@ -2,8 +2,10 @@
 
 DeStein ranks heads by the held-out accuracy of a logistic-regression probe on each head's
 activations and weights the steering by it. The released code fits one sklearn model per
-head in a Python loop (720 fits for GPT2-large); here all heads are one batch of independent
-Newton problems in torch, and the sklearn loop stays as the reference it must agree with.
+head in a Python loop (720 fits for GPT2-large); here all heads are solved together in torch,
+and the sklearn loop stays as the reference it must agree with. With more train rows than
+features, heads take cheap majorisation steps first and only the few left over take exact
+Newton steps; with fewer rows than features, Newton runs in kernel form on an n x n problem.
 """
 
 from __future__ import annotations
