@@ -11,7 +11,7 @@ model's real activations of those pairs ("builtin" seeds, or e.g. the ParaDetox 
 runs/bench_probes/; `--acts PATH` on any activation tensor (safetensors, key "acts",
 [n_pairs, 2, n_layers, n_heads, d_head]).
 Each method runs --repeat times, interleaved, and its best wall time counts (other processes
-on a shared machine only ever add time); each run starts after a short pause, because the
+on a shared machine only ever add time); each run starts after a 2 s pause, because the
 worker threads one library leaves spinning would otherwise steal the cores of the next run.
 The last line printed is one JSON object with the measured figures.
 """
@@ -90,8 +90,9 @@ def real_acts(spec: str, n_pairs: int | None, k: int = 8) -> Path:
     return path
 
 
-# Long enough for OpenBLAS/OpenMP workers to stop spinning after the previous run.
-SETTLE_S = 0.5
+# Long enough for the previous run's worker threads to go idle: after an sklearn run, 0.5 s
+# still left the next torch run 35% slower than 2 s did.
+SETTLE_S = 2.0
 
 
 def timed(acts: torch.Tensor, method: str, standardize: bool) -> tuple[ProbeResult, float]:
