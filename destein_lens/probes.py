@@ -397,7 +397,7 @@ def _kernel_newton(x: torch.Tensor, n_rows: int, y: torch.Tensor, l2: float) -> 
         system[:, :-1, -1] = weight
         system[:, -1, :-1] = torch.bmm(weight.unsqueeze(1), gram).squeeze(1)
         system[:, -1, -1] = weight.sum(-1) + _JITTER * n_rows
-        step = torch.linalg.solve(system, -torch.cat([dual, total], -1)) * left.unsqueeze(-1)
+        step = torch.linalg.solve_ex(system, -torch.cat([dual, total], -1))[0] * left.unsqueeze(-1)
         d_alpha, d_bias = step[:, :-1], step[:, -1:]
         dz = torch.bmm(gram, d_alpha.unsqueeze(-1)).squeeze(-1) + d_bias
         slope = (resid * dz).sum(-1) + l2 * (d_alpha * (z - bias)).sum(-1)
