@@ -191,9 +191,11 @@ def _standardise_(features: torch.Tensor, n_rows: int) -> None:
     _scale_(features, torch.linalg.vector_norm(features[:, :n_rows], dim=1) / math.sqrt(n_rows))
 
 
-def _centre_(features: torch.Tensor, n_rows: int) -> None:
-    """Subtract each head's train-row mean in place."""
-    features.sub_(features[:, :n_rows].mean(dim=1, keepdim=True))
+def _centre_(features: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Subtract each head's train-row mean [B, d] in place; returns it."""
+    mean = features[:, :n_rows].mean(dim=1)
+    features.sub_(mean.unsqueeze(1))
+    return mean
 
 
 def _scale_(features: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -235,36 +237,41 @@ def _fit_torch(acts: torch.Tensor, n_train: int, l2: float, standardize: bool) -
         return logits
 
     coef = torch.empty(n_heads, d_head + 1)
+    mean, std = torch.empty(n_heads, d_head), torch.empty(n_heads, d_head)
     unsolved = [torch.arange(0)]
     for heads in torch.arange(n_heads).split(chunk):
         features = load(heads)
-        gram = _primal_setup_(features, n_rows, standardize)
+        gram, mean[heads], std[heads] = _primal_setup_(features, n_rows, standardize)
         coef[heads], left = _majorise(features[:, :n_rows], gram, y, l2)
         logits[heads] = _apply(features, coef[heads, :-1]) + coef[heads, -1:]
         unsolved.append(heads[left])
     for heads in torch.cat(unsolved).split(chunk):
-        features = load(heads)
-        _primal_setup_(features, n_rows, standardize)  # exactly as before: the same start
+        # the same centring and scale as before, so the coefficients carry over exactly
+        features = load(heads).sub_(mean[heads].unsqueeze(1)).div_(std[heads].unsqueeze(1))
         coef[heads] = _newton(features[:, :n_rows], y, l2, coef[heads])
         logits[heads] = _apply(features, coef[heads, :-1]) + coef[heads, -1:]
     return logits
 
 
-def _primal_setup_(features: torch.Tensor, n_rows: int, standardize: bool) -> torch.Tensor:
+def _primal_setup_(
+    features: torch.Tensor, n_rows: int, standardize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Centre (and, with `standardize`, scale) features in place, as `_standardise_` does;
-    returns the Gram matrices [B, d, d] of the result's train rows.
+    returns the Gram matrices [B, d, d] of the result's train rows, and the mean and scale
+    [B, d] applied.
 
     Centring is always applied: with the intercept unpenalised it changes no logit at the
     optimum, and it decouples the intercept in `_majorise`'s bound. The scale comes from the
     Gram diagonal, which the solver needs anyway (a separate norm reduction costs more).
     """
-    _centre_(features, n_rows)
+    mean = _centre_(features, n_rows)
     train = features[:, :n_rows]
     gram = torch.bmm(train.transpose(1, 2), train)
+    std = torch.ones_like(mean)
     if standardize:
         std = _scale_(features, (gram.diagonal(dim1=-2, dim2=-1) / n_rows).sqrt())
         gram.div_(std.unsqueeze(-1)).div_(std.unsqueeze(-2))
-    return gram
+    return gram, mean, std
 
 
 def _majorise(
