@@ -36,7 +36,6 @@ from destein_lens.models import load_model
 from destein_lens.pairs import SteeringPairs, load_pairs
 from destein_lens.probes import ProbeResult, fit_probes, train_pair_count
 
-PARADETOX = Path(__file__).resolve().parents[2] / "shared" / "data" / "paradetox" / "paradetox.tsv"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench_probes"
 
 
@@ -77,14 +76,15 @@ def load_acts(path: Path) -> torch.Tensor:
 def real_acts(spec: str, n_pairs: int | None, k: int = 8) -> Path:
     """The default model's bare-text head activations (last-k mean) of the pairs `spec` names
     (`load_pairs`: "builtin" seeds, a .jsonl/.tsv file), up to n_pairs of those whose two
-    sides both have k tokens; extracted on first use and kept under runs/bench_probes/."""
-    model = load_model()
+    sides both have k tokens; extracted on first use and kept under runs/bench_probes/ (the
+    model is loaded only then)."""
     pairs = load_pairs(spec)
-    lengths = [len(ids) for ids in model.tokenizer(list(pairs.toxic + pairs.nontoxic)).input_ids]
-    keep = [i for i in range(len(pairs)) if min(lengths[i], lengths[len(pairs) + i]) >= k][:n_pairs]
-    pairs = SteeringPairs([pairs.toxic[i] for i in keep], [pairs.nontoxic[i] for i in keep], pairs.source)
-    path = RUNS / f"{pairs.sha256()[:16]}_k{k}.safetensors"
+    path = RUNS / f"{pairs.sha256()[:16]}_n{n_pairs}_k{k}.safetensors"
     if not path.exists():
+        model = load_model()
+        lengths = [len(ids) for ids in model.tokenizer(list(pairs.toxic + pairs.nontoxic)).input_ids]
+        keep = [i for i in range(len(pairs)) if min(lengths[i], lengths[len(pairs) + i]) >= k][:n_pairs]
+        pairs = SteeringPairs([pairs.toxic[i] for i in keep], [pairs.nontoxic[i] for i in keep], pairs.source)
         acts = pair_activations(model, pairs, prefixes=None, k=k)
         write_atomic(path, save({"acts": acts.contiguous()}))
     return path

@@ -135,7 +135,7 @@ def fit_probes(
     labels = torch.tensor([1.0, 0.0]).repeat(n_pairs)  # rows are (pair, side): toxic first
     n_rows = 2 * n_train
     if method == "torch":
-        logits = _fit_torch(acts.detach(), n_train, l2, standardize)
+        logits = _fit_torch(acts.detach(), labels[:n_rows], l2, standardize)
     else:
         # Unstandardised, the reference fits raw features, as the released code does: lbfgs
         # stops on a gradient tolerance, so even centring would change which heads it gets right.
@@ -205,8 +205,9 @@ def _scale_(features: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return std
 
 
-def _fit_torch(acts: torch.Tensor, n_train: int, l2: float, standardize: bool) -> torch.Tensor:
-    """Logits [L*H, rows] of every row, from all heads' probes fitted at once on the train rows.
+def _fit_torch(acts: torch.Tensor, y: torch.Tensor, l2: float, standardize: bool) -> torch.Tensor:
+    """Logits [L*H, rows] of every row, from all heads' probes fitted at once on the train rows
+    (the first len(y), with labels y).
 
     Heads go through in chunks whose features fit in the L3 cache, copied into one reused
     buffer: every later pass over a chunk reads cache, not DRAM, and no ~200 MB feature
@@ -217,8 +218,7 @@ def _fit_torch(acts: torch.Tensor, n_train: int, l2: float, standardize: bool) -
     """
     x = einops.rearrange(acts.float(), "p s l h d -> (l h) (p s) d")  # a view, for float32 acts
     n_heads, n_all, d_head = x.shape
-    n_rows = 2 * n_train
-    y = torch.tensor([1.0, 0.0]).repeat(n_train)
+    n_rows = len(y)
     chunk = max(1, _CHUNK_BYTES // (4 * n_all * d_head))
     buffer = torch.empty(min(chunk, n_heads), n_all, d_head)
     logits = torch.empty(n_heads, n_all)

@@ -74,7 +74,7 @@ def test_torch_logits_match_sklearn_decision_function(n_pairs: int, d_head: int)
     n_train = train_pair_count(n_pairs, 0.8)
     features = _features(acts, n_train, standardize=True)
     y = torch.tensor([1.0, 0.0]).repeat(n_train)
-    logits = _fit_torch(acts, n_train, l2=1.0, standardize=True)
+    logits = _fit_torch(acts, y, l2=1.0, standardize=True)
 
     for head, head_logits in zip(features.double().numpy(), logits, strict=True):
         clf = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-10, max_iter=1000)
@@ -88,7 +88,8 @@ def test_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch, n_pairs: int,
     """Heads solved in one chunk or one at a time (each straggler reloaded alone) agree."""
     acts = planted_acts(n_pairs, d_head, shift=3.0)
     n_train = train_pair_count(n_pairs, 0.8)
-    whole = probes._fit_torch(acts, n_train, l2=1.0, standardize=True)
+    y = torch.tensor([1.0, 0.0]).repeat(n_train)
+    whole = probes._fit_torch(acts, y, l2=1.0, standardize=True)
     unsolved = []
     majorise = probes._majorise
 
@@ -99,7 +100,7 @@ def test_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch, n_pairs: int,
 
     monkeypatch.setattr(probes, "_CHUNK_BYTES", 1)  # one head per chunk
     monkeypatch.setattr(probes, "_majorise", recording)
-    single = probes._fit_torch(acts, n_train, l2=1.0, standardize=True)
+    single = probes._fit_torch(acts, y, l2=1.0, standardize=True)
 
     assert torch.allclose(single, whole, rtol=1e-4, atol=1e-4)
     if 2 * n_train > d_head:  # the planted heads outrun the bound and finish with Newton
