@@ -145,9 +145,11 @@ def test_train_frac_out_of_range(train_frac: float) -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("method", ["torch", "sklearn"])
-def test_non_finite_activations(bad: float, method: str) -> None:
-    acts = planted_acts(20, 8)
-    acts[3, 1, 2, 0, 5] = bad
+@pytest.mark.parametrize("pair", [3, 18], ids=["train-row", "test-row"])
+@pytest.mark.parametrize("d_head", [8, 64], ids=["n>d", "n<d"])  # 32 train rows
+def test_non_finite_activations(bad: float, method: str, pair: int, d_head: int) -> None:
+    acts = planted_acts(20, d_head)
+    acts[pair, 1, 2, 0, 5] = bad
     with pytest.raises(DesteinError, match="NaN or inf"):
         fit_probes(acts, method=method)
 
