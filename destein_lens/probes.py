@@ -434,13 +434,14 @@ def _kernel_newton(x: torch.Tensor, n_rows: int, y: torch.Tensor, l2: float) -> 
                 break
         # Newton in (w, b) with w = X^T a reduces to [[S K + l2 I, s], [s^T K, sum s]]
         weight = prob * (1 - prob)
-        system = x.new_empty(len(active), n_rows + 1, n_rows + 1)
-        torch.mul(weight.unsqueeze(-1), gram, out=system[:, :-1, :-1])
-        system[:, :-1, :-1].diagonal(dim1=-2, dim2=-1).add_(l2)
-        system[:, :-1, -1] = weight
-        system[:, -1, :-1] = torch.bmm(weight.unsqueeze(1), gram).squeeze(1)
-        system[:, -1, -1] = weight.sum(-1) + _JITTER * n_rows
-        step = torch.linalg.solve_ex(system, -torch.cat([dual, total], -1))[0]
+        # built as its transpose, so the solver's column-major copy is a plain one
+        system_t = x.new_empty(len(active), n_rows + 1, n_rows + 1)
+        torch.mul(gram, weight.unsqueeze(-2), out=system_t[:, :-1, :-1])
+        system_t[:, :-1, :-1].diagonal(dim1=-2, dim2=-1).add_(l2)
+        system_t[:, -1, :-1] = weight
+        system_t[:, :-1, -1] = torch.bmm(weight.unsqueeze(1), gram).squeeze(1)
+        system_t[:, -1, -1] = weight.sum(-1) + _JITTER * n_rows
+        step = torch.linalg.solve_ex(system_t.mT, -torch.cat([dual, total], -1))[0]
         d_alpha, d_bias = step[:, :-1].contiguous(), step[:, -1:]
         dz = torch.bmm(d_alpha.unsqueeze(1), gram).squeeze(1) + d_bias
         slope = (resid * dz).sum(-1) + l2 * (d_alpha * (z - bias)).sum(-1)
