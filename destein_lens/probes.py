@@ -415,6 +415,9 @@ def _kernel_newton(x: torch.Tensor, n_rows: int, y: torch.Tensor, l2: float) -> 
         return (F.softplus(z) - y * z).sum(-1) + 0.5 * l2 * (alpha * (z - bias)).sum(-1)
 
     obj = objective(z, alpha, bias)
+    # the bordered systems, built as their transposes, so the solver's column-major copy is a
+    # plain one; the active heads use a leading slice
+    systems_t = x.new_empty(len(x), n_rows + 1, n_rows + 1)
     for _ in range(_MAX_NEWTON_STEPS):
         prob = torch.sigmoid(z)
         resid = prob - y
@@ -434,8 +437,7 @@ def _kernel_newton(x: torch.Tensor, n_rows: int, y: torch.Tensor, l2: float) -> 
                 break
         # Newton in (w, b) with w = X^T a reduces to [[S K + l2 I, s], [s^T K, sum s]]
         weight = prob * (1 - prob)
-        # built as its transpose, so the solver's column-major copy is a plain one
-        system_t = x.new_empty(len(active), n_rows + 1, n_rows + 1)
+        system_t = systems_t[: len(active)]
         torch.mul(gram, weight.unsqueeze(-2), out=system_t[:, :-1, :-1])
         system_t[:, :-1, :-1].diagonal(dim1=-2, dim2=-1).add_(l2)
         system_t[:, -1, :-1] = weight
