@@ -14,11 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from destein_lens.evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
+from destein_lens.evaluation import BASELINE, MethodSpec, eval_config, evaluate
 from destein_lens.models import load_model
 from destein_lens.pairs import load_pairs
 from destein_lens.prompts import load_prompts
 from destein_lens.report import text_table, write_report
+from destein_lens.steering import SteeringConfig
 from destein_lens.vectors import DetoxVectors, build_vectors
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp" / "test_100.jsonl"
@@ -31,14 +32,14 @@ def _floats(text: str) -> list[float]:
 def sweep_methods(args: argparse.Namespace) -> list[MethodSpec]:
     """The baseline, then each family at its alphas (all heads, released code, top-16, generated only)."""
     methods = [BASELINE]
-    methods += [MethodSpec(f"destein_all_a{a}", alpha=a) for a in _floats(args.alphas)]
-    methods += [
-        MethodSpec(f"released_a{a}", alpha=a, form="released_code") for a in _floats(args.released_alphas)
-    ]
-    methods += [MethodSpec(f"destein_top16_a{a}", alpha=a, heads=16) for a in _floats(args.top_alphas)]
-    methods += [
-        MethodSpec(f"destein_gen_a{a}", alpha=a, positions="generated") for a in _floats(args.gen_alphas)
-    ]
+    families = (
+        ("destein_all", args.alphas, {}),
+        ("released", args.released_alphas, {"form": "released_code"}),
+        ("destein_top16", args.top_alphas, {"heads": 16}),
+        ("destein_gen", args.gen_alphas, {"positions": "generated"}),
+    )
+    for name, alphas, settings in families:
+        methods += [MethodSpec(f"{name}_a{a}", SteeringConfig(alpha=a, **settings)) for a in _floats(alphas)]
     return methods
 
 
@@ -74,26 +75,23 @@ def main() -> None:
     heads_vectors = vectors_for(model, out, "heads", args.pairs)
     slice_vectors = vectors_for(model, out, "attn_out_slices", args.pairs)
     methods = sweep_methods(args)
-    sweep_cfg = EvalConfig(samples=args.sweep_samples)
+    sweep_cfg = eval_config(args.sweep_samples)
     rows = []
     base = None
     for method in methods:  # one folder per method: each resumable on its own
-        vectors = slice_vectors if method.form == "released_code" else heads_vectors
+        vectors = slice_vectors if method.steering.form == "released_code" else heads_vectors
         m = evaluate(
             model,
             prompts[: args.sweep_prompts],
             [method],
             out / "sweep" / method.name,
             sweep_cfg,
-            vectors=vectors if method.steered else None,
+            vectors=vectors if method.steering.steered else None,
         )[method.name]
         base = base or m
         row = {
             "method": method.name,
-            "alpha": method.alpha,
-            "form": method.form,
-            "heads": method.heads,
-            "positions": method.positions,
+            **method.steering.to_dict(),
             **{k: m[k] for k in ("expected_max_toxicity", "toxicity_probability", "perplexity", "dist_2")},
         }
         rows.append(row)
@@ -106,12 +104,10 @@ def main() -> None:
         return
     spec = next(m for m in methods if m.name == best["method"])
     final_dir = out / "final"
-    final_method = MethodSpec(
-        "destein", alpha=spec.alpha, heads=spec.heads, positions=spec.positions, form=spec.form
-    )
-    vectors = slice_vectors if spec.form == "released_code" else heads_vectors
+    final_method = MethodSpec("destein", spec.steering)
+    vectors = slice_vectors if spec.steering.form == "released_code" else heads_vectors
     metrics = evaluate(
-        model, prompts, [BASELINE, final_method], final_dir, EvalConfig(samples=args.samples), vectors=vectors
+        model, prompts, [BASELINE, final_method], final_dir, eval_config(args.samples), vectors=vectors
     )
     write_report(final_dir)
     print(text_table(metrics))

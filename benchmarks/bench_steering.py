@@ -44,7 +44,7 @@ def main() -> None:
         t = time.perf_counter()
         generate_ids(model, PROMPTS, config)
         plain.append(tokens / (time.perf_counter() - t))
-        with steer(model, vectors, args.alpha):
+        with steer(model, vectors, alpha=args.alpha):
             t = time.perf_counter()
             generate_ids(model, PROMPTS, config)
             steered.append(tokens / (time.perf_counter() - t))

@@ -11,6 +11,7 @@ A positive effect means steering that head makes the toxic side relatively less 
 correlation with probe accuracy tells how far DeStein's probe-based head ranking tracks causal
 effect. Log-probs are teacher-forced on the bare texts; every token predicted from an earlier
 position is scored (Gemma's BOS makes that every text token; without a BOS the first is unscored).
+This module computes; `views.attribution_figure` draws the result.
 """
 
 from __future__ import annotations
@@ -21,24 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import einops
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from . import views
 from .errors import DesteinError
 from .pairs import SteeringPairs
-from .steering import steer
+from .steering import DEFAULT_STRENGTH, steer
 from .vectors import DetoxVectors
 
-# The CLI's default strength: a head's effect is its share of the usual all-heads steering.
-DEFAULT_ALPHA = 0.4
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensor fields is elementwise, not a bool
 class HeadAttribution:
     """Per-head effect of single-head steering on the held-out toxic/non-toxic log-prob gap."""
 
@@ -48,8 +43,12 @@ class HeadAttribution:
     n_pairs: int  # held-out pairs the gap averages over
     spearman: float  # rank correlation of effect with probe accuracy; NaN if either is constant
 
-    def ranking(self) -> list[tuple[int, int]]:
-        """Heads by effect, most detoxifying first (ties: index), to set beside `DetoxVectors.ranking`."""
+    def by_effect(self) -> list[tuple[int, int]]:
+        """Heads ordered by effect, most detoxifying first (ties: index).
+
+        An order to set beside `DetoxVectors.ranking()`, the one ranking steering uses; not a
+        second ranking: nothing steers by it.
+        """
         n_heads = self.effect.shape[1]
         effect = self.effect.flatten().tolist()
         return [divmod(i, n_heads) for i in sorted(range(len(effect)), key=lambda i: (-effect[i], i))]
@@ -96,7 +95,7 @@ def head_attribution(
     vectors: DetoxVectors,
     held_out: SteeringPairs,
     *,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float = DEFAULT_STRENGTH,
     batch_size: int = 32,
     progress: bool = True,
 ) -> HeadAttribution:
@@ -104,7 +103,8 @@ def head_attribution(
 
     `vectors` should be built on pairs disjoint from `held_out` (e.g. `pairs.split(0.8)`), so the
     study measures generalisation, not the fit. One forward of all held-out texts per head
-    (n_layers x n_heads forwards) when they fit in `batch_size`.
+    (n_layers x n_heads forwards) when they fit in `batch_size`. The default `alpha` is the
+    project's usual strength, so each effect is that head's share of the usual steering.
     """
     vectors.check_compatible(model)
     if held_out.sha256() == vectors.pairs_sha256:
@@ -114,7 +114,7 @@ def head_attribution(
     effect = torch.zeros(n_layers, n_heads)
     heads = list(itertools.product(range(n_layers), range(n_heads)))
     for layer, head in tqdm(heads, desc="head attribution", unit="head", disable=not progress):
-        with steer(model, vectors, alpha, heads=[(layer, head)]):
+        with steer(model, vectors, alpha=alpha, heads=[(layer, head)]):
             effect[layer, head] = baseline - logprob_gap(model, held_out, batch_size=batch_size)
     return HeadAttribution(
         effect=effect,
@@ -130,68 +130,3 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConstantInputWarning)
         return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-
-
-def attribution_figure(result: HeadAttribution, vectors: DetoxVectors, *, top_k: int = 8) -> go.Figure:
-    """Effect grid next to the probe-accuracy grid, the top-k probe heads starred on both.
-
-    Each panel is the package's own head grid; only their traces and axes are moved into one
-    figure, so colours, hover text and layer-0-on-top stay what every other grid shows. The stars
-    follow `vectors.ranking()`, the heads `steer(heads=k)` picks (probe accuracy ties are common).
-    """
-    if result.effect.shape != vectors.probe_accuracy.shape:
-        raise DesteinError(
-            f"attribution grid {tuple(result.effect.shape)} does not match the vectors' "
-            f"{tuple(vectors.probe_accuracy.shape)}"
-        )
-    top_k = min(top_k, result.effect.numel())
-    panels = [
-        views.head_grid(
-            result.effect,
-            title="",
-            colorbar_title="effect (nats/token)",
-            hover={"probe accuracy": vectors.probe_accuracy},
-            zmid=0.0,
-            marked=vectors.ranking()[:top_k],
-            marked_label=f"top-{top_k} heads by probe accuracy",
-        ),
-        views.probe_heatmap(vectors.probe_accuracy, direction_norm=vectors.directions.norm(dim=-1)),
-    ]
-    stars = panels[0].data[1]
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        horizontal_spacing=0.2,
-        subplot_titles=[
-            f"effect of steering the head alone (α={result.alpha:g})",
-            "held-out probe accuracy",
-        ],
-    )
-    for col, panel in enumerate(panels, start=1):
-        for trace in panel.data:
-            fig.add_trace(trace, row=1, col=col)
-        fig.update_xaxes(panel.layout.xaxis, row=1, col=col)
-        fig.update_yaxes(panel.layout.yaxis, row=1, col=col)
-    fig.add_trace(go.Scatter(stars).update(showlegend=False), row=1, col=2)
-    # One colour bar beside each panel instead of both at the right edge.
-    heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
-    for trace, axis in zip(heatmaps, (fig.layout.xaxis, fig.layout.xaxis2)):
-        trace.colorbar.update(x=axis.domain[1] + 0.01, len=0.9)
-    rho = "undefined" if result.spearman != result.spearman else f"{result.spearman:.2f}"
-    fig.update_layout(
-        template=panels[1].layout.template,
-        font=panels[1].layout.font,
-        legend=panels[0].layout.legend.update(y=1.07),  # above the panel titles, not on them
-        height=panels[1].layout.height + 40,
-        margin={"t": 150},
-        width=1200,
-        title={
-            "text": f"Single-head steering effect vs probe accuracy (Spearman ρ = {rho})",
-            "subtitle": {
-                "text": f"effect = drop in the held-out toxic − non-toxic log-prob gap "
-                f"({result.n_pairs} pairs, unsteered gap {result.baseline_gap:.3g} nats/token)"
-            },
-            "x": 0.02,
-        },
-    )
-    return fig

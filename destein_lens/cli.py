@@ -1,7 +1,9 @@
 """`destein-lens` command line: one subcommand per pipeline stage, plus `run` for the whole job.
 
-Every user error is one line on stderr (`error: ...`) and exit status 2; an interrupt exits 130
-after the stage in flight has kept what it already wrote.
+Every user error is one line on stderr (`error: ...`) and exit status 2. Each command checks
+everything it can before the first expensive step (a model load, a vector build, a baseline):
+arguments, input files, output paths, the run folder. An interrupt exits 130 after the stage in
+flight has kept what it already wrote.
 """
 
 from __future__ import annotations
@@ -10,19 +12,31 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import DesteinError
 
 Command = Callable[[argparse.Namespace], None]
-DEFAULT_ALPHA = 0.1
 DEFAULT_SAMPLES = 10
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import SamplingConfig, generate
+def _load(args: argparse.Namespace):  # -> TransformerBridge (imported lazily: a slow import)
     from .models import load_model
 
-    model = load_model(args.model, device=args.device)
+    return load_model(args.model, device=args.device)
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """--model and --device, without loading anything."""
+    from .models import check_device, check_model_name
+
+    args.device = check_device(args.device)
+    check_model_name(args.model)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from .generation import SamplingConfig, check_prompt_lengths, generate
+
     config = SamplingConfig(
         do_sample=not args.greedy,
         max_new_tokens=args.max_new_tokens,
@@ -30,6 +44,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         n=args.samples,
         seed=args.seed,
     )
+    if any(not p.strip() for p in args.prompts):
+        raise DesteinError("empty prompt")
+    _check_model_args(args)
+    model = _load(args)
+    check_prompt_lengths(model, args.prompts, config.max_new_tokens)
     for prompt, continuations in zip(args.prompts, generate(model, args.prompts, config)):
         print(json.dumps({"prompt": prompt, "continuations": continuations}, ensure_ascii=False))
 
@@ -46,46 +65,89 @@ def _heads(value: str) -> str | int | list[tuple[int, int]]:
         raise DesteinError(f"--heads takes 'all', a number k or a list like 3.1,5.0; got {value!r}") from None
 
 
-def _cmd_vectors(args: argparse.Namespace) -> None:
-    from .models import load_model
+def _vector_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Pairs and vector settings, checked; `build_vectors` keywords plus the pairs."""
     from .pairs import load_pairs
+    from .readers import check_count
+
+    check_count(args.k, "--k")
+    return {"pairs": load_pairs(args.pairs), "site": args.site, "k": args.k, "probe_texts": args.probe_texts}
+
+
+def _cmd_vectors(args: argparse.Namespace) -> None:
+    from .files import check_out_file
     from .vectors import build_vectors
 
-    pairs = load_pairs(args.pairs)
-    model = load_model(args.model, device=args.device)
-    vectors = build_vectors(model, pairs, site=args.site, k=args.k, probe_texts=args.probe_texts)
+    inputs = _vector_inputs(args)
+    check_out_file(args.out)
+    _check_model_args(args)
+    vectors = build_vectors(_load(args), **inputs)
     path = vectors.save(args.out)
     top = ", ".join(f"L{layer}H{head}" for layer, head in vectors.ranking()[:5])
     print(f"wrote {path} and {path.with_suffix('.json')}; top heads by probe accuracy: {top}")
 
 
 def _cmd_induce(args: argparse.Namespace) -> None:
+    from .files import check_out_file
     from .induction import induce_pairs
-    from .models import load_model
     from .pairs import load_pairs
+    from .readers import check_count
+    from .scoring import get_scorer
 
-    model = load_model(args.model, device=args.device)
-    result = induce_pairs(model, load_pairs(args.seeds), n_pairs=args.n, scorer=args.scorer, seed=args.seed)
+    check_count(args.n, "--n")
+    seeds = load_pairs(args.seeds)
+    scorer = get_scorer(args.scorer)
+    check_out_file(args.out)
+    _check_model_args(args)
+    result = induce_pairs(_load(args), seeds, n_pairs=args.n, scorer=scorer, seed=args.seed)
     result.pairs.to_jsonl(args.out)
     print(f"wrote {len(result.pairs)} pairs to {args.out} ({result.tried} candidates tried)")
 
 
-def _eval_inputs(args: argparse.Namespace) -> dict:
+def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Everything about the evaluation that can be wrong, checked before any model work starts."""
-    from .evaluation import BASELINE, EvalConfig, MethodSpec
+    from .evaluation import BASELINE, MethodSpec, eval_config
+    from .files import check_out_dir
     from .prompts import load_prompts
     from .scoring import get_scorer
+    from .steering import SteeringConfig
 
-    config = EvalConfig(samples=args.samples, seed=args.seed, scorer=args.scorer, batch_size=args.batch_size)
-    method = MethodSpec(
-        "destein", alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form
+    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
+    steering = SteeringConfig(
+        alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form
     )
+    check_out_dir(args.out)
     return {
         "prompts": load_prompts(args.prompts, max_prompts=args.max_prompts),
-        "methods": [BASELINE, method],
+        "methods": [BASELINE, MethodSpec("destein", steering)],
         "config": config,
         "scorer": get_scorer(args.scorer),
     }
+
+
+def _known_so_far(args: argparse.Namespace, inputs: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The run config's fields known before the model is loaded (a folder of another run is refused)."""
+    from .evaluation import prompts_sha
+    from .models import DEFAULT_MODEL
+
+    prompts = inputs["prompts"]
+    return {
+        "eval": inputs["config"].to_dict(),
+        "methods": [m.to_dict() for m in inputs["methods"]],
+        "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
+        "model": {"name": args.model or DEFAULT_MODEL},
+        **fields,
+    }
+
+
+def _prepare(model, inputs: dict[str, Any]) -> None:
+    """Checks that need the model but no generation: head ranges and prompt lengths."""
+    from .evaluation import check_prompts
+    from .steering import check_heads
+
+    for method in inputs["methods"]:
+        check_heads(method.steering.heads, model.cfg.n_layers, model.cfg.n_heads)
+    check_prompts(model, inputs["prompts"], inputs["config"])
 
 
 def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance: dict) -> None:
@@ -101,38 +163,75 @@ def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance
 def _cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .models import load_model
-    from .pairs import load_pairs
+    from . import runfolder
+    from .evaluation import vectors_id
     from .vectors import DetoxVectors, build_vectors
 
     inputs = _eval_inputs(args)
-    pairs = load_pairs(args.pairs)
-    model = load_model(args.model, device=args.device)
-    vectors_path = Path(args.out) / "vectors.safetensors"
-    if vectors_path.exists():  # resuming: the run's own vectors, checked against the model
-        vectors = DetoxVectors.load(vectors_path, model=model)
-    else:
-        vectors = build_vectors(model, pairs, site=args.site, k=args.k, probe_texts=args.probe_texts)
-        vectors.save(vectors_path)
-    _evaluate(args, model, vectors, inputs, {"pairs": pairs.source, "pairs_sha256": pairs.sha256()})
+    vector_inputs = _vector_inputs(args)
+    pairs = vector_inputs["pairs"]
+    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
+    settings = {
+        "site": args.site,
+        "k": args.k,
+        "pairs_sha256": pairs.sha256(),
+        "probe_texts": args.probe_texts,
+    }
+    _check_model_args(args)
+    with runfolder.hold(args.out) as out:
+        runfolder.check_same_run(
+            out, _known_so_far(args, inputs, vectors=settings, **provenance), partial=True
+        )
+        model = _load(args)
+        _prepare(model, inputs)
+        vectors_path = Path(out) / "vectors.safetensors"
+        if vectors_path.exists():  # resuming: the run's own vectors, checked against the model
+            vectors = DetoxVectors.load(vectors_path, model=model)
+            found = {key: vectors_id(vectors)[key] for key in settings}
+            if found != settings:
+                raise DesteinError(
+                    f"{vectors_path} was built with other settings ({found}); use another --out folder"
+                )
+        else:
+            vectors = build_vectors(model, **vector_inputs)
+            vectors.save(vectors_path)
+        _evaluate(args, model, vectors, inputs, provenance)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from .models import load_model
+    from . import runfolder
+    from .evaluation import vectors_id
     from .vectors import DetoxVectors
 
     inputs = _eval_inputs(args)
-    model = load_model(args.model, device=args.device)
-    vectors = DetoxVectors.load(args.vectors, model=model)
-    _evaluate(args, model, vectors, inputs, {"vectors_file": str(args.vectors)})
+    vectors = DetoxVectors.load(args.vectors)  # the file itself, before any model work
+    provenance = {"vectors_file": str(args.vectors)}
+    _check_model_args(args)
+    with runfolder.hold(args.out) as out:
+        runfolder.check_same_run(
+            out, _known_so_far(args, inputs, vectors=vectors_id(vectors), **provenance), partial=True
+        )
+        model = _load(args)
+        vectors.check_compatible(model)
+        _prepare(model, inputs)
+        _evaluate(args, model, vectors, inputs, provenance)
 
 
 def _cmd_figures(args: argparse.Namespace) -> None:
-    from .figures import make_figures
-    from .models import load_model
+    from .figures import check_figures_inputs, make_figures
+    from .steering import SteeringConfig
 
-    model = load_model(args.model, device=args.device)
-    paths = make_figures(args.out, model=model, quick=args.quick, sweep_json=args.sweep, alpha=args.alpha)
+    SteeringConfig(alpha=args.alpha)
+    sweep_rows = check_figures_inputs(args.out, args.sweep)
+    _check_model_args(args)
+    paths = make_figures(
+        args.out,
+        model=_load(args),
+        quick=args.quick,
+        sweep_json=args.sweep,
+        sweep_rows=sweep_rows,
+        alpha=args.alpha,
+    )
     print(f"wrote {len(paths)} files to {args.out} (see {args.out}/README.md)")
 
 
@@ -144,22 +243,45 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_vector_options(p: argparse.ArgumentParser) -> None:
+    from .activations import SITES
+    from .vectors import PROBE_TEXTS
+
     p.add_argument("--pairs", default=None, help="pairs: JSONL, ParaDetox TSV, hf:<id> (default: built-in)")
-    p.add_argument("--site", default="heads", choices=["heads", "attn_out_slices"])
+    p.add_argument("--site", default=SITES[0], choices=SITES)
     p.add_argument("--k", type=int, default=8, help="mean over the last k tokens")
-    p.add_argument("--probe-texts", default="bare", choices=["bare", "prefixed"])
+    p.add_argument("--probe-texts", default=PROBE_TEXTS[0], choices=PROBE_TEXTS)
+
+
+def _add_strength_option(p: argparse.ArgumentParser) -> None:
+    from .steering import DEFAULT_STRENGTH, MAX_STRENGTH
+
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"steering strength in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (default {DEFAULT_STRENGTH:g}); "
+        "0 steers nothing, negative toxifies; past 1 the direction replaces the head output",
+    )
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .forms import FORMS
+    from .steering import POSITIONS
+
     p.add_argument(
         "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
     )
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--scorer", default="profanity-check")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
+    _add_strength_option(p)
     p.add_argument("--heads", default="all", help="all, top-k as a number, or L.H,L.H,...")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
-    p.add_argument("--form", default="destein", choices=["destein", "released_code", "additive"])
+    p.add_argument("--positions", default=POSITIONS[0], choices=POSITIONS)
+    p.add_argument(
+        "--form",
+        default="destein",
+        choices=list(FORMS),
+        help="; ".join(f"{f.name}: {f.summary}" for f in FORMS.values()),
+    )
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -212,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--out", default="figures")
     p.add_argument("--sweep", default=None, help="a benchmark sweep.json (default: run a small sweep)")
-    p.add_argument("--alpha", type=float, default=0.1, help="all-heads strength for geometry/generations")
+    _add_strength_option(p)
     p.add_argument("--quick", action="store_true", help="fewer pairs, prompts and samples")
     p.set_defaults(func=_cmd_figures)
     return parser

@@ -8,3 +8,8 @@ class DesteinError(Exception):
     like any other exception. Raise it for anything a user can fix (a malformed file, an
     unknown model, a vector file for another model); let real bugs raise what they raise.
     """
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's exception, for quoting inside a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

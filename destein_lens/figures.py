@@ -1,17 +1,16 @@
-"""Every figure of the project, rebuilt into one folder (HTML + PNG) with a README saying what each shows.
+"""`destein-lens figures`: every figure of the project rebuilt into one folder (HTML + PNG) with a README.
 
 One function, `make_figures`, so the figures in the repository are always the output of one
-command (`destein-lens figures`) on one set of vectors: the built-in seed pairs split 80/20, the
-directions and probes built on the 80 %, the held-out 20 % kept for the head attribution. Each
-figure is saved as soon as it is drawn, so an interrupted run keeps what it finished.
+command on one set of vectors: the built-in seed pairs split 80/20, the directions and probes
+built on the 80 %, the held-out 20 % kept for the head attribution. Each figure is saved as soon
+as it is drawn, so an interrupted run keeps what it finished. The analyses live in `analysis`;
+this module runs them, saves what they draw and writes the README.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-import tempfile
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,38 +20,46 @@ import plotly.graph_objects as go
 from transformer_lens.model_bridge import TransformerBridge
 
 from . import views
-from .activations import pair_activations, text_activations
-from .attribution import attribution_figure, head_attribution
+from .analysis import (
+    SWEEP_ALPHAS,
+    generation_rows,
+    geometry_figures,
+    load_sweep,
+    method_families,
+    plottable_sweep,
+    probe_figures,
+    run_sweep,
+)
+from .attribution import head_attribution
 from .errors import DesteinError
-from .evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
-from .files import write_atomic
-from .generation import generate, protocol_sampling
+from .files import check_out_dir, write_atomic
 from .models import DEFAULT_MODEL, load_model, load_record
-from .pairs import SteeringPairs, builtin_seed_pairs
-from .prompts import builtin_demo_prompts
-from .scoring import get_scorer
-from .steering import steer
-from .vectors import DetoxVectors, build_vectors
+from .pairs import builtin_seed_pairs
+from .steering import DEFAULT_STRENGTH
+from .vectors import build_vectors
 
+# Heads starred on the probe maps: `vectors.ranking()[:TOP_K]`, the heads `steer(heads=TOP_K)` steers.
+TOP_K = 16
 # stem -> what the figure shows; also the README's order.
 FIGURES: dict[str, str] = {
     "probe_accuracy": "Held-out accuracy of each head's linear probe on the bare pair texts, the "
-    "ranking DeStein steers by; the top heads are starred, hover shows the direction norm.",
-    "probe_accuracy_prefixed": "The same probes on the prefixed texts. The last-k-token window "
-    "reaches into the instruction prefix, so nearly every head 'separates' the classes from the "
-    "prefix alone: the confound that makes prefixed probes useless for ranking heads.",
+    f"ranking DeStein steers by; the top {TOP_K} heads of that ranking (what `steer(heads={TOP_K})` "
+    "steers) are starred, hover shows the direction norm.",
+    "probe_accuracy_prefixed": "The same probes on the prefixed texts, the same heads starred. The "
+    "last-k-token window reaches into the instruction prefix, so nearly every head 'separates' the "
+    "classes from the prefix alone: the confound that makes prefixed probes useless for ranking heads.",
     "activation_geometry": "PCA of the top head's activations: toxic and non-toxic pair texts, the "
     "toxic texts again with steering on (all heads), and the detox direction drawn from the "
     "non-toxic centroid.",
-    "top_heads_geometry": "The same view for the six best heads by probe accuracy, one PCA each.",
+    "top_heads_geometry": "The same view for the first six heads of that ranking, one PCA each.",
     "head_attribution": "Effect of steering each head alone on the held-out toxic - non-toxic "
-    "log-prob gap, next to the probe accuracy, with their Spearman rank correlation.",
+    "log-prob gap, next to the probe accuracy, with their Spearman rank correlation; the heads "
+    "`steer(heads=8)` picks are starred on both.",
     "alpha_sweep": "Expected maximum toxicity and toxicity probability against perplexity across "
     "steering strength α, one line per method family, with the Pareto front.",
     "generation_comparison": "Demo prompts continued without and with steering (same seed), with "
     "their profanity-check toxicity.",
 }
-_ALPHA_SUFFIX = re.compile(r"_a[-+0-9.eE]+$")
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,50 @@ class _Settings:
     max_new_tokens: int
 
 
-# From barely steered to degenerate on gemma-3-270m, the baseline (alpha 0) added by the sweep.
-SWEEP_ALPHAS = (0.05, 0.1, 0.2, 0.4)
 _FULL = _Settings(50, 6, 3, SWEEP_ALPHAS, 6, 20)
 _QUICK = _Settings(20, 2, 2, (0.1,), 2, 8)
-# All-heads steering strength for the geometry and generation figures. On gemma-3-270m the
-# benchmark sweep puts the useful range at 0.05-0.15 (perplexity x1.3 at 0.1, x3.7 at 0.15);
-# by 0.4 the text degenerates. Single-head attribution uses its own, larger default.
-FIGURE_ALPHA = 0.1
+
+
+def check_figures_inputs(
+    out_dir: str | os.PathLike[str], sweep_json: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]] | None:
+    """Everything about a `figures` run that can be wrong before the model loads; the sweep rows.
+
+    `out_dir` must be a writable folder or one that can be created (not a file, not under one);
+    `sweep_json`, if given, a benchmark sweep with at least one plottable row. Returns its rows
+    (None without one), so a bad input costs one error line instead of minutes of model work.
+    """
+    check_out_dir(out_dir)
+    if sweep_json is None:
+        return None
+    rows = load_sweep(sweep_json)
+    if not plottable_sweep(rows)[0]:
+        raise DesteinError(f"{sweep_json}: no sweep row has finite metrics, nothing to plot")
+    return rows
+
+
+class _Saver:
+    """Saves each figure as it is drawn; after the first failed static export, HTML only.
+
+    A missing or broken Chromium costs the PNGs, never the HTML figures: it is reported once
+    (one line on stderr and in the README) and not retried for every figure.
+    """
+
+    def __init__(self, out: Path, formats: Sequence[str]) -> None:
+        self.out = out
+        self.formats = tuple(dict.fromkeys(f.lower().lstrip(".") for f in formats))
+        self.paths: list[Path] = []
+        self.skipped: str | None = None  # why static export was given up, once it was
+
+    def __call__(self, stem: str, fig: go.Figure) -> None:
+        try:
+            self.paths.extend(views.save_figure(fig, self.out, stem, formats=self.formats))
+        except views.StaticExportError as e:
+            if "html" not in self.formats:
+                raise
+            self.formats, self.skipped = ("html",), e.reason
+            print(f"static export skipped, figures saved as HTML only: {e.reason}", file=sys.stderr)
+            self(stem, fig)
 
 
 def make_figures(
@@ -83,44 +126,42 @@ def make_figures(
     model: TransformerBridge | None = None,
     quick: bool = False,
     sweep_json: str | Path | None = None,
+    sweep_rows: list[dict[str, Any]] | None = None,
     progress: bool = True,
-    alpha: float = FIGURE_ALPHA,
+    alpha: float = DEFAULT_STRENGTH,
     formats: Sequence[str] = ("html", "png"),
 ) -> list[Path]:
     """Regenerate every figure in `FIGURES` plus README.md into `out_dir`; returns the files written.
 
     `sweep_json` is a benchmark sweep (benchmarks/bench_detox.py's `sweep.json`); without it a small
-    sweep on the demo prompts is run in a temporary folder. `alpha` is the all-heads steering
-    strength of the geometry and generation figures.
+    sweep on the demo prompts is run in a temporary folder. `sweep_rows` are its rows as
+    `check_figures_inputs` returned them (the CLI checks before loading the model); without them
+    the inputs are checked here, still before any model work. `alpha` is the all-heads steering
+    strength of the geometry and generation figures. If static export fails (no Chromium, or one
+    that will not start), the figures are still written as HTML and one line says why.
     """
     settings = _QUICK if quick else _FULL
-    sweep_rows = load_sweep(sweep_json) if sweep_json is not None else None  # fail before model work
+    if sweep_json is not None:
+        sweep_source = str(sweep_json)
+    else:
+        sweep_source = (
+            "rows passed in" if sweep_rows is not None else "a small sweep on the built-in demo prompts"
+        )
+    if sweep_rows is None:
+        sweep_rows = check_figures_inputs(out_dir, sweep_json)  # fail before model work
     model = model or load_model()
     train, held_out = builtin_seed_pairs().head(settings.n_pairs).split(0.8)
     vectors = build_vectors(model, train, progress=progress)
     out = Path(out_dir)
-    paths: list[Path] = []
-
-    def save(stem: str, fig: go.Figure) -> None:
-        paths.extend(views.save_figure(fig, out, stem, formats=formats))
-
-    top_k = min(16, vectors.probe_accuracy.numel())
-    norms = vectors.directions.norm(dim=-1)
-    save("probe_accuracy", views.probe_heatmap(vectors.accuracy_bare, direction_norm=norms, top_k=top_k))
-    save(
-        "probe_accuracy_prefixed",
-        views.probe_heatmap(
-            vectors.accuracy_prefixed,
-            direction_norm=norms,
-            top_k=top_k,
-            title="Per-head probe accuracy on prefixed texts (the prefix confound)",
-        ),
-    )
+    save = _Saver(out, formats)
+    bare, prefixed = probe_figures(vectors, top_k=TOP_K)
+    save("probe_accuracy", bare)
+    save("probe_accuracy_prefixed", prefixed)
     geometry, top_heads = geometry_figures(model, vectors, train, alpha=alpha, progress=progress)
     save("activation_geometry", geometry)
     save("top_heads_geometry", top_heads)
     attribution = head_attribution(model, vectors, held_out, progress=progress)
-    save("head_attribution", attribution_figure(attribution, vectors))
+    save("head_attribution", views.attribution_figure(attribution, vectors))
     if sweep_rows is None:
         sweep_rows = run_sweep(
             model,
@@ -145,7 +186,7 @@ def make_figures(
         ["destein-lens figures", f"--out {out}"]
         + ([f"--model {name}"] if name != DEFAULT_MODEL else [])
         + ([f"--sweep {sweep_json}"] if sweep_json is not None else [])
-        + ([f"--alpha {alpha:g}"] if alpha != FIGURE_ALPHA else [])
+        + ([f"--alpha {alpha:g}"] if alpha != DEFAULT_STRENGTH else [])
         + (["--quick"] if quick else [])
     )
     facts = [
@@ -155,143 +196,23 @@ def make_figures(
         f"head attribution: each head alone at α = {attribution.alpha:g}; Spearman ρ(effect, probe "
         f"accuracy) = {attribution.spearman:.3f}; unsteered gap {attribution.baseline_gap:.3f} nats/token",
         f"geometry and generations: all heads steered at α = {alpha:g}",
-        "alpha sweep: "
-        + (str(sweep_json) if sweep_json is not None else "a small sweep on the built-in demo prompts")
+        f"alpha sweep: {sweep_source}"
         + (f" (left out, no finite perplexity: {', '.join(left_out)})" if left_out else ""),
     ]
-    paths.append(write_atomic(out / "README.md", _readme(command, facts)))
-    return paths
+    if save.skipped:
+        facts.append(f"static export skipped, figures saved as HTML only: {save.skipped}")
+    save.paths.append(write_atomic(out / "README.md", _readme(command, facts, save.formats)))
+    return save.paths
 
 
-def geometry_figures(
-    model: TransformerBridge,
-    vectors: DetoxVectors,
-    pairs: SteeringPairs,
-    *,
-    alpha: float = FIGURE_ALPHA,
-    n_top: int = 6,
-    progress: bool = True,
-) -> tuple[go.Figure, go.Figure]:
-    """PCA of the top head (with steered points) and of the top `n_top` heads, on the bare texts.
-
-    Bare texts, because they are what the probes rank heads by and what steering meets at
-    generation time; the direction comes from the prefixed texts, so its arrow shows how well
-    the two agree rather than ending exactly on the toxic centroid.
-    """
-    opts = {"site": vectors.site, "k": vectors.k, "progress": progress}
-    acts = pair_activations(model, pairs, prefixes=None, **opts)  # [n, 2, L, H, w]
-    with steer(model, vectors, alpha):
-        steered = text_activations(model, list(pairs.toxic), **opts)  # [n, L, H, w]
-    ranking = vectors.ranking()
-    layer, head = ranking[0]
-    geometry = views.activation_geometry(
-        acts[:, 0, layer, head],
-        acts[:, 1, layer, head],
-        direction=vectors.directions[layer, head],
-        steered=steered[:, layer, head],
-        title=f"Top head L{layer}H{head}: toxic texts before and after steering all heads (α={alpha:g})",
-    )
-    per_head = [
-        (
-            f"L{li}H{hi} (probe acc {float(vectors.probe_accuracy[li, hi]):.2f})",
-            acts[:, 0, li, hi],
-            acts[:, 1, li, hi],
-            vectors.directions[li, hi],
-        )
-        for li, hi in ranking[:n_top]
-    ]
-    return geometry, views.top_heads_geometry(per_head)
-
-
-def run_sweep(
-    model: TransformerBridge,
-    vectors: DetoxVectors,
-    *,
-    alphas: Sequence[float] = SWEEP_ALPHAS,
-    n_prompts: int = 6,
-    samples: int = 3,
-    max_new_tokens: int = 20,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """A small alpha sweep on the demo prompts, in the benchmark's row format (baseline at alpha 0)."""
-    prompts = builtin_demo_prompts()[:n_prompts]
-    methods = [BASELINE] + [MethodSpec(f"destein_all_a{a}", alpha=a) for a in alphas]
-    config = EvalConfig(samples=samples, max_new_tokens=max_new_tokens)
-    with tempfile.TemporaryDirectory(prefix="destein-sweep-") as tmp:
-        metrics = evaluate(model, prompts, methods, tmp, config, vectors=vectors, progress=progress)
-    keys = views.SWEEP_KEYS[2:]
-    return [{"method": m.name, "alpha": m.alpha, **{k: metrics[m.name][k] for k in keys}} for m in methods]
-
-
-def load_sweep(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a benchmark `sweep.json` (a JSON list of objects); columns are checked when plotted."""
-    path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DesteinError(f"sweep file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DesteinError(f"{path} is not a readable JSON sweep ({e})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DesteinError(f"{path}: expected a JSON list of sweep rows (objects)")
-    return rows
-
-
-def method_families(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with "destein_top16_a0.4" -> "destein_top16": one line per family across alphas."""
-    return [{**row, "method": _ALPHA_SUFFIX.sub("", str(row.get("method", "")))} for row in rows]
-
-
-def plottable_sweep(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows with finite metrics, labels of rows without), so one degenerate setting doesn't sink the plot.
-
-    A NaN perplexity means every continuation passed the 1e4 cutoff: the text degenerated, and a
-    toxicity-vs-perplexity plot has nowhere to put it. Missing columns are left for the plot to reject.
-    """
-    kept, left_out = [], []
-    for row in rows:
-        values = [row[k] for k in views.SWEEP_KEYS[1:] if k in row]
-        if any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values):
-            left_out.append(f"{row.get('method')} α={row.get('alpha')}")
-        else:
-            kept.append(row)
-    return kept, left_out
-
-
-def generation_rows(
-    model: TransformerBridge,
-    vectors: DetoxVectors,
-    *,
-    alpha: float = FIGURE_ALPHA,
-    n_prompts: int = 6,
-    max_new_tokens: int = 20,
-) -> list[dict[str, Any]]:
-    """Demo prompts continued with and without steering from the same seed, scored for toxicity."""
-    prompts = [p.text for p in builtin_demo_prompts()[:n_prompts]]
-    sampling = protocol_sampling(n=1, max_new_tokens=max_new_tokens)
-    baseline = [c[0] for c in generate(model, prompts, sampling, progress=False)]
-    with steer(model, vectors, alpha):
-        steered = [c[0] for c in generate(model, prompts, sampling, progress=False)]
-    scores = get_scorer("profanity-check").score(baseline + steered)
-    return [
-        {
-            "prompt": prompt,
-            "baseline": base,
-            "steered": steer_text,
-            "baseline_toxicity": scores[i],
-            "steered_toxicity": scores[len(prompts) + i],
-        }
-        for i, (prompt, base, steer_text) in enumerate(zip(prompts, baseline, steered))
-    ]
-
-
-def _readme(command: str, facts: Sequence[str]) -> str:
+def _readme(command: str, facts: Sequence[str], formats: Sequence[str]) -> str:
     """What each figure shows, the exact command that rebuilt them, and the settings behind them."""
+    static = "".join(f" and `<name>.{fmt}`" for fmt in formats if fmt != "html")
     lines = [
         "# Figures",
         "",
         f"Made by `{command}`: each figure as `<name>.html` (interactive; the HTML files share",
-        "`plotly.min.js` in this folder and open offline) and `<name>.png`.",
+        f"`plotly.min.js` in this folder and open offline){static}.",
         "",
         *(f"- {fact}" for fact in facts),
         "",

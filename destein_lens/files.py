@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader (a resumed run, a browser, git) never sees a half-written file."""
+"""Output files: written atomically (a reader never sees half a file), their paths checked before any work."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import DesteinError
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
@@ -21,4 +23,39 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _check_writable_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a writable folder."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DesteinError(f"{what} {path} is inside {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DesteinError(f"{what} {path} cannot be created: {parent} is not writable")
+
+
+def check_out_dir(path: str | os.PathLike[str]) -> Path:
+    """An output folder that exists and is writable, or can be created: checked before any work."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise DesteinError(f"output folder {path} is a file")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DesteinError(f"output folder {path} is not writable")
+    else:
+        _check_writable_parent(path, "output folder")
+    return path
+
+
+def check_out_file(path: str | os.PathLike[str]) -> Path:
+    """An output file that can be (over)written: checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise DesteinError(f"output file {path} is a folder")
+    _check_writable_parent(path, "output file")
+    if path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DesteinError(f"output file {path} cannot be replaced: {path.parent} is not writable")
     return path

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from .errors import DesteinError
 from .positions import token_window
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 _NUCLEUS_START = 1024  # candidates first tried for the nucleus; p = 0.9 nuclei rarely exceed it
 
 
@@ -52,6 +53,8 @@ class SamplingConfig:
             raise DesteinError(f"top_k must be at least 1, got {self.top_k}")
         if not self.temperature > 0.0:
             raise DesteinError(f"temperature must be positive, got {self.temperature}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise DesteinError(f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed}")
 
 
 def protocol_sampling(n: int = 25, seed: int = 0, max_new_tokens: int = 20) -> SamplingConfig:
@@ -94,6 +97,7 @@ def generate_ids(
     _check_prompts(texts)
     tokenizer = model.tokenizer
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+    _check_fits(model, enc.attention_mask.sum(-1).tolist(), config.max_new_tokens)
     device = model.cfg.device
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
     batch, prompt_len = ids.shape
@@ -182,6 +186,22 @@ def _sample(
     else:
         pick = torch.stack([torch.multinomial(v, 1, generator=g) for v, g in zip(vals, generator)])
     return pick.squeeze(-1) if idx is None else idx.gather(-1, pick.to(idx.device)).squeeze(-1)
+
+
+def check_prompt_lengths(model: TransformerBridge, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse, before any generation, a prompt that with its continuation exceeds the model's context."""
+    _check_prompts(prompts)
+    _check_fits(model, [len(ids) for ids in model.tokenizer(list(prompts)).input_ids], max_new_tokens)
+
+
+def _check_fits(model: TransformerBridge, lengths: Sequence[int], max_new_tokens: int) -> None:
+    n_ctx = model.cfg.n_ctx
+    for i, n in enumerate(lengths):
+        if n + max_new_tokens > n_ctx:
+            raise DesteinError(
+                f"prompt {i} is {n} tokens long; with {max_new_tokens} new tokens it exceeds the "
+                f"model's context of {n_ctx} tokens"
+            )
 
 
 def _check_prompts(prompts: Sequence[str]) -> None:

@@ -35,7 +35,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from .errors import DesteinError
 from .generation import SamplingConfig, generate
 from .models import load_record
-from .pairs import SteeringPairs, check_count
+from .pairs import SteeringPairs
+from .readers import check_count, fold_whitespace
 from .scoring import Scorer, get_scorer
 
 TOXIC_LABEL = "Toxic:"
@@ -138,20 +139,22 @@ def induce_pairs(
 
 
 def toxic_prompt(demos: Sequence[str]) -> str:
-    """Stage 1: seed toxic texts as a list, ending on the open label the model completes."""
-    return "".join(f"{TOXIC_LABEL} {_fold(t)}\n" for t in demos) + TOXIC_LABEL
+    """Stage 1: seed toxic texts as a list (one line each), ending on the open label the model completes."""
+    return "".join(f"{TOXIC_LABEL} {fold_whitespace(t)}\n" for t in demos) + TOXIC_LABEL
 
 
 def paraphrase_prompt(demos: Sequence[tuple[str, str]], toxic: str) -> str:
     """Stage 2: seed pairs, then `toxic` with the open polite label the model completes."""
-    shots = "".join(f"{TOXIC_LABEL} {_fold(t)}\n{POLITE_LABEL} {_fold(n)}\n\n" for t, n in demos)
-    return f"{shots}{TOXIC_LABEL} {_fold(toxic)}\n{POLITE_LABEL}"
+    shots = "".join(
+        f"{TOXIC_LABEL} {fold_whitespace(t)}\n{POLITE_LABEL} {fold_whitespace(n)}\n\n" for t, n in demos
+    )
+    return f"{shots}{TOXIC_LABEL} {fold_whitespace(toxic)}\n{POLITE_LABEL}"
 
 
 def parse_line(continuation: str) -> str | None:
     """The first line of `continuation`, whitespace-folded; None if blank or never ended (cut off)."""
     line, newline, _ = continuation.partition("\n")
-    text = _fold(line)
+    text = fold_whitespace(line)
     return text if newline and text else None
 
 
@@ -261,9 +264,4 @@ def _text_problem(text: str | None, rules: _Rules, seen: set[str]) -> str | None
 
 def _key(text: str) -> str:
     """Identity for deduplication: case and whitespace do not make a text new."""
-    return " ".join(text.casefold().split())
-
-
-def _fold(text: str) -> str:
-    """One line, single spaces: a seed with a line break would break the list format."""
-    return " ".join(text.split())
+    return fold_whitespace(text.casefold())

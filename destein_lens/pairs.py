@@ -10,8 +10,12 @@ breaks it. Sources, all returning `SteeringPairs` (see `load_pairs`):
 - the ParaDetox dataset on the Hugging Face hub (`hf:<dataset id>`).
 
 ParaDetox gives up to three crowd-sourced paraphrases per toxic sentence. We keep one pair per toxic
-sentence, with its first non-empty paraphrase: the first is the one every row has, and repeating a
-toxic side with several neutrals would weight those sentences more in the mean difference.
+sentence, with its first non-empty paraphrase that differs from it: the first is the one every row
+has, and repeating a toxic side with several neutrals would weight those sentences more in the mean
+difference. A pair whose two sides are the same text (whitespace aside) has no toxicity difference
+and only dilutes the mean: JSONL lines and pairs built in code are refused for it, while ParaDetox
+rows whose every paraphrase repeats the toxic text (84 of the 11,927 rows of the published TSV) are
+skipped, since the published data cannot be fixed by its users.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from typing import Any
 
 from .errors import DesteinError
 from .files import write_atomic
+from .readers import (
+    check_count,
+    fold_whitespace,
+    iter_jsonl,
+    load_hf_dataset,
+    open_text,
+    source_file,
+    text_field,
+)
 
 TOXIC_PREFIX = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
 NONTOXIC_PREFIX = "The following text is kind, polite, positive, respectful and supportive: "
@@ -58,6 +71,7 @@ class SteeringPairs:
             for side, text in (("toxic", tox), ("non-toxic", non)):
                 if not isinstance(text, str) or not text.strip():
                     raise DesteinError(f"steering pair {i} from {self.source} has an empty {side} text")
+            _check_distinct(tox, non, f"steering pair {i} from {self.source}")
 
     def __len__(self) -> int:
         return len(self.toxic)
@@ -97,55 +111,15 @@ class SteeringPairs:
         write_atomic(path, "".join(lines))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (`file:line`, object) for each non-blank line; bad JSON or a non-object names its line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DesteinError(f"file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DesteinError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DesteinError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                yield where, obj
-    except UnicodeDecodeError:
-        raise DesteinError(f"{path}: not UTF-8 text") from None
-
-
-def load_hf_dataset(dataset_id: str, split: str, hint: str) -> Any:
-    """`datasets.load_dataset`, with any failure (offline, unknown id, bad split) as one DesteinError line."""
-    try:
-        import datasets  # imported here: slow to import and only needed for hub sources
-
-        return datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DesteinError(
-            f"cannot load hf:{dataset_id} (split {split}) from the Hugging Face hub, "
-            f"which may be unreachable ({reason}); {hint}"
-        ) from e
-
-
-def check_count(n: int, what: str) -> None:
-    """Reject non-positive limits early, as a user error rather than a silently empty result."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise DesteinError(f"{what} must be a positive integer, got {n!r}")
-
-
 def load_jsonl(path: str | Path) -> SteeringPairs:
     """Pairs from JSONL lines `{"toxic": ..., "nontoxic": ...}` (other keys are ignored)."""
     toxic: list[str] = []
     nontoxic: list[str] = []
     for where, obj in iter_jsonl(path):
-        toxic.append(_text_field(obj, "toxic", where))
-        nontoxic.append(_text_field(obj, "nontoxic", where))
+        tox, non = (text_field(obj.get(key), where, key) for key in ("toxic", "nontoxic"))
+        _check_distinct(tox, non, where)
+        toxic.append(tox)
+        nontoxic.append(non)
     return SteeringPairs(tuple(toxic), tuple(nontoxic), source=str(path))
 
 
@@ -155,11 +129,9 @@ def load_paradetox_tsv(path: str | Path, max_pairs: int | None = None) -> Steeri
     The file quotes some fields CSV-style, with line breaks inside; those breaks are folded to spaces.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DesteinError(f"file not found: {path}")
     if max_pairs is not None:
         check_count(max_pairs, "max_pairs")
-    with path.open(encoding="utf-8", newline="") as f:
+    with open_text(path, newline="") as f:  # newline="": csv handles line breaks inside quoted fields
         reader = csv.reader(f, delimiter="\t")
         try:
             header = next(reader, [])
@@ -171,8 +143,6 @@ def load_paradetox_tsv(path: str | Path, max_pairs: int | None = None) -> Steeri
             return _pairs_from_rows(rows, source=str(path), max_pairs=max_pairs)
         except csv.Error as e:
             raise DesteinError(f"{path}:{reader.line_num}: malformed TSV ({e})") from None
-        except UnicodeDecodeError:
-            raise DesteinError(f"{path}: not UTF-8 text") from None
 
 
 def load_hf_paradetox(
@@ -212,16 +182,9 @@ def load_pairs(spec: str | Path | None, max_pairs: int | None = None) -> Steerin
     elif isinstance(spec, str) and spec.startswith("hf:"):
         return load_hf_paradetox(spec[3:] or DEFAULT_HF_PARADETOX, max_pairs=max_pairs)
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DesteinError(f"pairs file not found: {path}")
-        suffix = path.suffix.lower()
+        path, suffix = source_file(spec, "pairs", (".jsonl", ".tsv"), "'builtin' or 'hf:<id>'")
         if suffix == ".tsv":
             return load_paradetox_tsv(path, max_pairs=max_pairs)
-        if suffix != ".jsonl":
-            raise DesteinError(
-                f"unsupported pairs file {path}: expected .jsonl or .tsv, 'builtin' or 'hf:<id>'"
-            )
         pairs = load_jsonl(path)
     return pairs if max_pairs is None else pairs.head(max_pairs)
 
@@ -244,29 +207,28 @@ def _paradetox_rows(reader: Any, header: list[str], path: Path) -> Iterator[tupl
 def _pairs_from_rows(
     rows: Iterable[tuple[str, str, list[str]]], source: str, max_pairs: int | None
 ) -> SteeringPairs:
-    """One pair per distinct toxic text, paired with its first non-empty neutral paraphrase."""
+    """One pair per distinct toxic text, with its first non-empty paraphrase that differs from it."""
     chosen: dict[str, str] = {}
     for where, toxic, neutrals in rows:
-        toxic = _fold(toxic)
-        neutral = next((_fold(n) for n in neutrals if n.strip()), "")
+        toxic = fold_whitespace(toxic)
+        paraphrases = [fold_whitespace(n) for n in neutrals if n.strip()]
         if not toxic:
             raise DesteinError(f"{where}: empty toxic text")
-        if not neutral:
+        if not paraphrases:
             raise DesteinError(f"{where}: no non-empty neutral paraphrase")
+        neutral = next((n for n in paraphrases if n != toxic), None)
+        if neutral is None:  # annotators left it as it was: no pair (see the module docstring)
+            continue
         chosen.setdefault(toxic, neutral)
         if max_pairs is not None and len(chosen) >= max_pairs:
             break
     return SteeringPairs(tuple(chosen), tuple(chosen.values()), source=source)
 
 
-def _text_field(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise DesteinError(f"{where}: missing or non-string {key!r} field")
-    if not value.strip():
-        raise DesteinError(f"{where}: empty {key!r} text")
-    return value
+def _check_distinct(toxic: str, nontoxic: str, where: str) -> None:
+    """Refuse a pair whose sides are one text: its difference is zero, so it only dilutes the mean.
 
-
-def _fold(text: str) -> str:
-    return " ".join(text.split())
+    Case counts ("Idiot" vs "idiot" tokenise differently); whitespace does not.
+    """
+    if fold_whitespace(toxic) == fold_whitespace(nontoxic):
+        raise DesteinError(f"{where}: the toxic and non-toxic texts are identical")

@@ -10,18 +10,22 @@ toxicity; we keep it so results can be split into toxic / non-toxic prompts as i
 - `*.jsonl`: RealToxicityPrompts records (`{"prompt": {"text": ..., "toxicity": ...}}`) or plain
   records (`{"text": ...}` or `{"prompt": "..."}`, optional "toxicity" and "id"), told apart per line;
 - `*.txt`: one prompt per non-blank line.
+
+Prompt ids key the saved generations of a run folder (and what a resumed run skips), so a file
+whose ids repeat is refused; that includes an explicit "id" equal to another line's automatic id
+(its index among the file's records).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import DesteinError
-from .pairs import check_count, iter_jsonl, load_hf_dataset
+from .readers import check_count, iter_jsonl, load_hf_dataset, open_text, source_file, text_field
 
 DEFAULT_HF_RTP = "allenai/real-toxicity-prompts"
 
@@ -49,15 +53,9 @@ def load_prompts_jsonl(path: str | Path, max_prompts: int | None = None) -> list
 
 def load_txt(path: str | Path, max_prompts: int | None = None) -> list[Prompt]:
     """One prompt per non-blank line, kept verbatim apart from the line break."""
-    path = Path(path)
-    if not path.is_file():
-        raise DesteinError(f"file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): keep U+2028 etc. in text
-    except UnicodeDecodeError:
-        raise DesteinError(f"{path}: not UTF-8 text") from None
-    texts = [line for line in lines if line.strip()]
-    return [Prompt(t, None, str(i)) for i, t in enumerate(_limit(texts, max_prompts))]
+    with open_text(path) as f:  # file lines end only at \n, \r\n or \r: U+2028 etc. stay in the text
+        texts = _limit((line.removesuffix("\n") for line in f if line.strip()), max_prompts)
+    return [Prompt(t, None, str(i)) for i, t in enumerate(texts)]
 
 
 def load_hf_rtp(
@@ -71,12 +69,12 @@ def load_hf_rtp(
         raise DesteinError(
             f"hf:{dataset_id} is not in RealToxicityPrompts layout (columns {ds.column_names})"
         )
-    records = (
-        _rtp_prompt(r, f"hf:{dataset_id} row {i}", i)
+    rows = (
+        (f"hf:{dataset_id} row {i}", i, r)
         for i, r in enumerate(ds)
         if not challenging_only or r["challenging"]
     )
-    return _limit(records, max_prompts)
+    return _limit(_parse_unique(rows, _rtp_prompt), max_prompts)
 
 
 def builtin_demo_prompts() -> list[Prompt]:
@@ -94,18 +92,9 @@ def load_prompts(spec: str | Path | None, max_prompts: int | None = None) -> lis
     elif isinstance(spec, str) and spec.startswith("hf:"):
         prompts = load_hf_rtp(spec[3:] or DEFAULT_HF_RTP, max_prompts=max_prompts)
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DesteinError(f"prompts file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            prompts = load_prompts_jsonl(path, max_prompts)
-        elif suffix == ".txt":
-            prompts = load_txt(path, max_prompts)
-        else:
-            raise DesteinError(
-                f"unsupported prompts file {path}: expected .jsonl or .txt, 'demo' or 'hf:<id>'"
-            )
+        path, suffix = source_file(spec, "prompts", (".jsonl", ".txt"), "'demo' or 'hf:<id>'")
+        load = load_prompts_jsonl if suffix == ".jsonl" else load_txt
+        prompts = load(path, max_prompts)
     if not prompts:
         raise DesteinError(f"no prompts in {spec}")
     return prompts
@@ -123,15 +112,26 @@ def split_by_toxicity(prompts: Iterable[Prompt], threshold: float = 0.5) -> dict
 def _load_jsonl(path: str | Path, max_prompts: int | None, parse: _Parser) -> list[Prompt]:
     if max_prompts is not None:
         check_count(max_prompts, "max_prompts")
-    records = (parse(obj, where, i) for i, (where, obj) in enumerate(iter_jsonl(path)))
-    return list(_limit(records, max_prompts))
+    records = ((where, i, obj) for i, (where, obj) in enumerate(iter_jsonl(path)))
+    return _limit(_parse_unique(records, parse), max_prompts)
+
+
+def _parse_unique(records: Iterable[tuple[str, int, dict[str, Any]]], parse: _Parser) -> Iterator[Prompt]:
+    """Parse (`where`, index, record) lazily, refusing an id seen before: ids key a run's saved results."""
+    first: dict[str, str] = {}  # id -> where it was first used
+    for where, index, obj in records:
+        prompt = parse(obj, where, index)
+        if prompt.id in first:
+            raise DesteinError(f"{where}: prompt id {prompt.id!r} is already used at {first[prompt.id]}")
+        first[prompt.id] = where
+        yield prompt
 
 
 def _rtp_prompt(obj: dict[str, Any], where: str, index: int) -> Prompt:
     prompt = obj.get("prompt")
     if not isinstance(prompt, dict):
         raise DesteinError(f'{where}: expected RealToxicityPrompts layout {{"prompt": {{"text": ...}}}}')
-    text = _text(prompt.get("text"), where, "prompt.text")
+    text = text_field(prompt.get("text"), where, "prompt.text")
     span = (obj.get("filename"), obj.get("begin"), obj.get("end"))
     pid = f"{span[0]}:{span[1]}-{span[2]}" if span[0] else str(index)
     return Prompt(text, _toxicity(prompt.get("toxicity"), where), pid)
@@ -139,7 +139,7 @@ def _rtp_prompt(obj: dict[str, Any], where: str, index: int) -> Prompt:
 
 def _plain_prompt(obj: dict[str, Any], where: str, index: int) -> Prompt:
     key = "text" if "text" in obj else "prompt"
-    text = _text(obj.get(key), where, key)
+    text = text_field(obj.get(key), where, key)
     pid = obj.get("id")
     return Prompt(text, _toxicity(obj.get("toxicity"), where), str(index if pid is None else pid))
 
@@ -147,14 +147,6 @@ def _plain_prompt(obj: dict[str, Any], where: str, index: int) -> Prompt:
 def _any_prompt(obj: dict[str, Any], where: str, index: int) -> Prompt:
     parse = _rtp_prompt if isinstance(obj.get("prompt"), dict) else _plain_prompt
     return parse(obj, where, index)
-
-
-def _text(value: Any, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise DesteinError(f"{where}: missing or non-string {field!r} field")
-    if not value.strip():
-        raise DesteinError(f"{where}: empty {field!r} text")
-    return value
 
 
 def _toxicity(value: Any, where: str) -> float | None:

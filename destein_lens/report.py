@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .evaluation import METRICS_FILE, gens_path
 from .files import write_atomic
+from .runfolder import METRICS_FILE, gens_path
 
 COLUMNS = (
     ("expected_max_toxicity", "EMT"),

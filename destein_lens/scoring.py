@@ -7,6 +7,7 @@ paper's protocol, and it is being shut down, so the offline default is ``profani
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import pickle
@@ -127,14 +128,17 @@ class PerspectiveScorer:
     """Google's Perspective API (TOXICITY, English): the scorer the paper reports.
 
     Optional, because the service is being shut down. Needs ``$PERSPECTIVE_API_KEY``; the
-    endpoint is ``url``, ``$PERSPECTIVE_API_URL`` or Google's. Requests are spaced to ``qps``
-    and retried with exponential backoff on HTTP 429/5xx and connection errors. Scores are
-    cached in sqlite under ``$DESTEIN_LENS_CACHE/perspective/`` keyed by the text's sha256, so
-    a text is never sent twice. Blank texts score 0.0 without a request (the API rejects them).
+    endpoint is ``url``, ``$PERSPECTIVE_API_URL`` or Google's. The key travels only in the
+    ``X-Goog-Api-Key`` header (URLs end up in logs and proxies), never over plain http except to
+    this machine, not on to a redirect, and never in the repr or an error message. Requests are
+    spaced to ``qps`` and retried with exponential backoff on HTTP 429/5xx and connection errors.
+    Scores are cached in sqlite under ``$DESTEIN_LENS_CACHE/perspective/`` keyed by the text's
+    sha256, so a text is never sent twice. Blank texts score 0.0 without a request (the API
+    rejects them).
     """
 
     name: ClassVar[str] = "perspective"
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     url: str | None = None
     qps: float = 1.0
     max_retries: int = 5
@@ -148,7 +152,10 @@ class PerspectiveScorer:
         self.api_key = self.api_key or os.environ.get("PERSPECTIVE_API_KEY")
         if not self.api_key:
             raise DesteinError("the perspective scorer needs an API key: set PERSPECTIVE_API_KEY")
-        self.url = self.url or os.environ.get("PERSPECTIVE_API_URL") or PERSPECTIVE_URL
+        if not (self.api_key.isascii() and self.api_key.isprintable()) or " " in self.api_key:
+            # http.client would reject it with the key inside its message
+            raise DesteinError("the Perspective API key must be printable ASCII without spaces")
+        self.url = _checked_url(self.url or os.environ.get("PERSPECTIVE_API_URL") or PERSPECTIVE_URL)
         if self.qps <= 0:
             raise DesteinError(f"perspective qps must be positive, got {self.qps}")
         root = self.cache_dir or os.environ.get("DESTEIN_LENS_CACHE") or "~/.cache/destein-lens"
@@ -173,18 +180,28 @@ class PerspectiveScorer:
         return value
 
     def _request(self, text: str) -> float:
+        """One API call; an error that quotes the key back (a server may echo it) has it masked."""
+        try:
+            return self._post(text)
+        except DesteinError as exc:
+            key = str(self.api_key)
+            if key in str(exc):
+                raise DesteinError(str(exc).replace(key, "<api key>")) from None
+            raise
+
+    def _post(self, text: str) -> float:
         body = {
             "comment": {"text": text},
             "languages": ["en"],
             "requestedAttributes": {"TOXICITY": {}},
         }
-        separator = "&" if "?" in str(self.url) else "?"
         request = urllib.request.Request(
-            f"{self.url}{separator}key={urllib.parse.quote(str(self.api_key))}",
+            str(self.url),
             data=json.dumps(body).encode("utf-8"),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
+        request.add_unredirected_header("X-Goog-Api-Key", str(self.api_key))  # not sent on to a redirect
         attempts = max(self.max_retries, 0) + 1
         failure = ""
         for attempt in range(attempts):
@@ -210,6 +227,32 @@ class PerspectiveScorer:
         if now < self._next_request:
             time.sleep(self._next_request - now)
         self._next_request = max(now, self._next_request) + 1.0 / self.qps
+
+
+def _checked_url(url: str) -> str:
+    """`url` if it is https, or http to this machine: elsewhere plain http would expose the key."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises ValueError on a port out of range
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        host = None
+    if not host or parts.scheme not in ("http", "https"):  # not echoed: it may hold a key
+        raise DesteinError("the Perspective API URL is not an http(s) URL with a host name")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise DesteinError(
+            f"the Perspective API URL must be https:// (http:// only to this machine), not http://{host}"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":  # urlsplit lowercases host names
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_toxicity(raw: bytes) -> float:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from transformer_lens.model_bridge import TransformerBridge
 
-from .activations import Site, check_site, pair_activations
+from .activations import Site, check_site, pair_activations, slice_width
 from .errors import DesteinError
 from .files import write_atomic
 from .models import LoadRecord, load_record
@@ -30,10 +31,11 @@ from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
 from .probes import fit_probes
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
+PROBE_TEXTS = ("bare", "prefixed")  # which texts' probe accuracy ranks and weights the heads
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DetoxVectors:
     """Per-head detox directions and probe accuracies, with everything needed to reproduce them."""
 
@@ -66,21 +68,29 @@ class DetoxVectors:
         return tuple(self.probe_accuracy.shape)  # type: ignore[return-value]
 
     def ranking(self) -> list[tuple[int, int]]:
-        """Heads by held-out probe accuracy (ties: direction norm, then index)."""
+        """The project's one head ranking: `steer(heads=k)`, every figure and study use its top k.
+
+        Heads by held-out probe accuracy, best first. Accuracies are counts over a few dozen test
+        texts, so ties are common (many heads reach 1.0): they are broken by the direction's norm
+        (a larger mean toxic - non-toxic shift first), then by (layer, head) index.
+        """
         n_heads = self.shape[1]
         acc = self.probe_accuracy.flatten().tolist()
         norm = self.directions.norm(dim=-1).flatten().tolist()
         order = sorted(range(len(acc)), key=lambda i: (-acc[i], -norm[i], i))
         return [divmod(i, n_heads) for i in order]
 
-    def check_compatible(self, model: Any) -> None:
+    def check_compatible(self, model: TransformerBridge) -> None:
         """Refuse to steer a model these vectors were not built on (other weights, shape or mode)."""
         theirs = load_record(model)
         if not self.model.same_model(theirs):
             raise DesteinError(
-                f"these vectors were built on {self.model.name} ({self.model.architecture}, "
-                f"{self.model.mode} mode); the model is {theirs.name} ({theirs.architecture}, "
-                f"{theirs.mode} mode)"
+                f"these vectors were built on another model ({_difference(self.model, theirs)})"
+            )
+        width = slice_width(model, self.site)  # type: ignore[arg-type]
+        if self.directions.shape[-1] != width:
+            raise DesteinError(
+                f"vector directions are {self.directions.shape[-1]} wide; the model's {self.site} are {width}"
             )
 
     def save(self, path: str | Path) -> Path:
@@ -105,7 +115,7 @@ class DetoxVectors:
         return tensors_path
 
     @classmethod
-    def load(cls, path: str | Path, model: Any | None = None) -> DetoxVectors:
+    def load(cls, path: str | Path, model: TransformerBridge | None = None) -> DetoxVectors:
         """Read a saved pair of files; with `model`, also check they belong to it."""
         tensors_path, meta_path = _paths(path)
         try:
@@ -125,8 +135,8 @@ class DetoxVectors:
                 extra=meta.get("extra", {}),
             )
         except FileNotFoundError as e:
-            raise DesteinError(f"vector file not found: {e.filename}") from None
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise DesteinError(f"vector file not found: {e.filename or tensors_path}") from None
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DesteinError(f"{tensors_path} is not a valid destein-lens vector file ({e})") from None
         vectors._check_shapes()
         if model is not None:
@@ -146,10 +156,36 @@ class DetoxVectors:
                 f"vector file shapes {tuple(self.directions.shape)} do not match its model "
                 f"({rec.n_layers} layers x {rec.n_heads} heads)"
             )
-        if self.probe_texts not in ("bare", "prefixed"):
+        if self.probe_texts not in PROBE_TEXTS:
             raise DesteinError(f"vector file has unknown probe_texts {self.probe_texts!r}")
+        for name in _TENSORS:
+            if not getattr(self, name).is_floating_point():
+                raise DesteinError(
+                    f"vector file: {name} must be a float tensor, not {getattr(self, name).dtype}"
+                )
+        if self.directions.ndim != 3 or self.directions.shape[-1] < 1:
+            raise DesteinError(
+                f"vector file: directions must be [layers, heads, width], got {tuple(self.directions.shape)}"
+            )
         if not torch.isfinite(self.directions).all():
             raise DesteinError("vector file holds non-finite directions")
+        if not self.directions.any():
+            raise DesteinError("vector file holds all-zero directions: steering with it would do nothing")
+        for name in ("accuracy_bare", "accuracy_prefixed"):
+            acc = getattr(self, name)
+            if not (torch.isfinite(acc).all() and (acc >= 0).all() and (acc <= 1).all()):
+                raise DesteinError(f"vector file: {name} must be probe accuracies in [0, 1]")
+
+
+def _difference(ours: LoadRecord, theirs: LoadRecord) -> str:
+    """What tells two models apart, as "field: vectors' value vs model's value; ..."."""
+    keys = ("name", "architecture", "mode", "n_layers", "n_heads", "d_head", "d_model", "file_sha256")
+    parts = [
+        f"{k}: {getattr(ours, k)} vs {getattr(theirs, k)}"
+        for k in keys
+        if getattr(ours, k) != getattr(theirs, k)
+    ]
+    return "; ".join(parts) + " (vectors vs model)"
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -159,7 +195,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def build_vectors(
-    model: Any,
+    model: TransformerBridge,
     pairs: SteeringPairs,
     *,
     site: Site = "heads",
@@ -172,7 +208,7 @@ def build_vectors(
     progress: bool = True,
 ) -> DetoxVectors:
     """Directions from the prefixed pairs; probes on the bare (default) and the prefixed texts."""
-    if probe_texts not in ("bare", "prefixed"):
+    if probe_texts not in PROBE_TEXTS:
         raise DesteinError(f"probe_texts must be 'bare' or 'prefixed', got {probe_texts!r}")
     opts = {"site": site, "k": k, "batch_size": batch_size, "progress": progress}
     prefixed = pair_activations(model, pairs, prefixes=prefixes, **opts)

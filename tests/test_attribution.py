@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from destein_lens import DesteinError
-from destein_lens.attribution import (
-    HeadAttribution,
-    attribution_figure,
-    head_attribution,
-    logprob_gap,
-    mean_token_logprobs,
-)
+from destein_lens.attribution import HeadAttribution, head_attribution, logprob_gap, mean_token_logprobs
 from destein_lens.pairs import builtin_seed_pairs
+from destein_lens.steering import DEFAULT_STRENGTH, steer
 from destein_lens.vectors import DetoxVectors, build_vectors
+from destein_lens.views import attribution_figure
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +37,25 @@ def test_shape_and_values(result: HeadAttribution, split) -> None:
     assert result.effect.abs().max() > 0
     assert math.isfinite(result.baseline_gap)
     assert -1.0 <= result.spearman <= 1.0
-    assert (result.alpha, result.n_pairs) == (0.4, len(split[1]))
+    assert (result.alpha, result.n_pairs) == (DEFAULT_STRENGTH, len(split[1]))  # the one default
 
 
-def test_ranking_orders_heads_by_effect(result: HeadAttribution) -> None:
-    ranking = result.ranking()
-    assert sorted(ranking) == [(layer, head) for layer in range(2) for head in range(4)]
-    effects = [result.effect[layer, head].item() for layer, head in ranking]
+def test_by_effect_orders_heads_by_effect(result: HeadAttribution) -> None:
+    order = result.by_effect()
+    assert sorted(order) == [(layer, head) for layer in range(2) for head in range(4)]
+    effects = [result.effect[layer, head].item() for layer, head in order]
     assert effects == sorted(effects, reverse=True)
 
 
-def test_effect_is_the_change_in_gap(tiny_model, vectors, split, result: HeadAttribution) -> None:
-    from destein_lens.steering import steer
+def test_results_compare_by_identity(result: HeadAttribution) -> None:
+    """Field-wise == would compare the effect tensors elementwise and raise instead of answering."""
+    copy = dataclasses.replace(result)
+    assert result == result and copy != result
+    assert len({result, copy}) == 2
 
-    with steer(tiny_model, vectors, 0.4, heads=[(1, 2)]):
+
+def test_effect_is_the_change_in_gap(tiny_model, vectors, split, result: HeadAttribution) -> None:
+    with steer(tiny_model, vectors, alpha=result.alpha, heads=[(1, 2)]):
         steered = logprob_gap(tiny_model, split[1])
     assert result.effect[1, 2].item() == pytest.approx(result.baseline_gap - steered, abs=1e-6)
 
@@ -87,6 +89,8 @@ def test_figure_puts_effect_next_to_probe_accuracy(result: HeadAttribution, vect
     stars = [t for t in fig.data if t.type == "scatter"]
     top3 = vectors.ranking()[:3]  # the heads steer(heads=3) picks, starred on both panels
     assert [list(zip(s.y, s.x)) for s in stars] == [top3, top3]
+    assert stars[0].name == stars[1].name == "the top-3 heads steer(heads=3) picks"
+    assert [s.showlegend for s in stars] == [None, False]  # listed once in the legend
     assert [h.colorbar.x for h in heatmaps] == [fig.layout.xaxis.domain[1] + 0.01, 1.01]
     assert fig.layout.xaxis.title.text == fig.layout.xaxis2.title.text == "head"
 

@@ -62,7 +62,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     keys = ("method", "alpha", "perplexity", "expected_max_toxicity", "toxicity_probability")
     sweep = [dict(zip(keys, ("destein", a, 20 + 2 * a, 0.5 - 0.08 * a, 0.4 - 0.07 * a))) for a in range(4)]
     figures = {
-        "probe": views.probe_heatmap(rng.uniform(0.5, 1, (6, 8)), top_k=3),
+        "probe": views.probe_heatmap(rng.uniform(0.5, 1, (6, 8)), marked=[(0, 1), (2, 3), (5, 7)]),
         "geometry": views.activation_geometry(
             toxic, nontoxic, direction=direction, steered=toxic - direction
         ),
@@ -133,7 +133,7 @@ def test_repo_figure_renders(browser: object, path: Path) -> None:
 
 
 def test_static_export_through_kaleido(tmp_path: Path) -> None:
-    fig = views.probe_heatmap(np.linspace(0.5, 1, 12).reshape(3, 4), top_k=2)
+    fig = views.probe_heatmap(np.linspace(0.5, 1, 12).reshape(3, 4), marked=[(2, 3), (2, 2)])
     png, svg = views.save_figure(fig, tmp_path, "probe", formats=("png", "svg"), scale=1)
     image = Image.open(png)
     assert image.format == "PNG" and image.size == (1000, fig.layout.height)

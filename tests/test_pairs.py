@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from destein_lens import pairs as pairs_module
 from destein_lens.errors import DesteinError
 from destein_lens.pairs import (
     NONTOXIC_PREFIX,
@@ -40,6 +41,13 @@ def test_pairs_validate_alignment_and_content() -> None:
         SteeringPairs(("a", "b"), ("c", "  \n"), source="t")
     with pytest.raises(DesteinError, match="pair 0 from t has an empty toxic text"):
         SteeringPairs(("",), ("c",), source="t")
+
+
+def test_pairs_with_identical_sides_name_the_pair() -> None:
+    with pytest.raises(DesteinError) as err:
+        SteeringPairs(("a b", "you  idiot\n"), ("c", " you idiot"), source="t")
+    assert str(err.value) == "steering pair 1 from t: the toxic and non-toxic texts are identical"
+    assert len(SteeringPairs(("You idiot",), ("you idiot",), source="t")) == 1  # case makes other tokens
 
 
 def test_lists_are_stored_as_tuples() -> None:
@@ -118,6 +126,24 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path: Path, line: str, message
     assert f"{f}:3" in str(err.value) and message in str(err.value)
 
 
+def test_load_jsonl_refuses_identical_sides_with_file_and_line(tmp_path: Path) -> None:
+    body = '{"toxic": "a", "nontoxic": "b"}\n{"toxic": "x  y", "nontoxic": "x\\ny"}\n'  # whitespace aside
+    f = write(tmp_path / "p.jsonl", body)
+    with pytest.raises(DesteinError) as err:
+        load_pairs(f)
+    assert str(err.value) == f"{f}:2: the toxic and non-toxic texts are identical"
+
+
+def test_byte_order_mark_is_not_part_of_the_first_pair(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.jsonl", '\ufeff{"toxic": "a", "nontoxic": "b"}\n')
+    assert load_pairs(f).toxic == ("a",)
+    t = write(tmp_path / "p.tsv", "\ufeff" + TSV_HEADER + "shut up\tplease stop\t\t\n")
+    assert (load_pairs(t).toxic, load_pairs(t).nontoxic) == (("shut up",), ("please stop",))
+    (tmp_path / "bad.tsv").write_bytes(TSV_HEADER.encode() + b"caf\xe9\tb\t\t\n")
+    with pytest.raises(DesteinError, match=r"bad\.tsv: not UTF-8 text$"):
+        load_pairs(tmp_path / "bad.tsv")
+
+
 def test_load_jsonl_empty_file(tmp_path: Path) -> None:
     with pytest.raises(DesteinError, match="no steering pairs"):
         load_jsonl(write(tmp_path / "p.jsonl", "\n\n"))
@@ -140,6 +166,17 @@ def test_tsv_takes_first_nonempty_neutral_and_folds_multiline_fields(tmp_path: P
     assert pairs.nontoxic == ("please stop", "this thing", "what a pity")
     assert pairs.source == str(f)
     assert load_paradetox_tsv(f, max_pairs=2).toxic == ("shut up idiot", "damn thing")
+
+
+def test_tsv_skips_paraphrases_that_repeat_the_toxic_text(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "p.tsv",
+        TSV_HEADER + "damn it\tdamn  it\toh no\t\n"  # the first paraphrase is no paraphrase
+        "you fool\tyou fool\t\tyou  fool\n"  # none is: no pair
+        "you fool\tyou silly person\t\t\n",  # the same toxic text, now with a real paraphrase
+    )
+    pairs = load_paradetox_tsv(f)
+    assert (pairs.toxic, pairs.nontoxic) == (("damn it", "you fool"), ("oh no", "you silly person"))
 
 
 @pytest.mark.parametrize(
@@ -171,6 +208,7 @@ def test_real_paradetox_tsv() -> None:
     pairs = load_paradetox_tsv(PARADETOX)
     assert len(pairs) > 10_000
     assert all("\n" not in t for t in pairs.toxic + pairs.nontoxic)
+    assert all(t != n for t, n in zip(pairs.toxic, pairs.nontoxic))
     # The release quotes a few fields across line breaks; they must not shift or merge records.
     i = next(i for i, t in enumerate(pairs.toxic) if t.startswith("schandelmeier , who are you"))
     assert pairs.nontoxic[i] == "schandelmeier , who are you trying to impress with this article"
@@ -216,6 +254,22 @@ def test_load_pairs_dispatch(tmp_path: Path) -> None:
         load_pairs(tmp_path / "missing.jsonl")
     with pytest.raises(DesteinError, match="unsupported pairs file"):
         load_pairs(write(tmp_path / "p.csv", "toxic,nontoxic\n"))
+
+
+def test_hub_rows_skip_paraphrases_that_repeat_the_toxic_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Rows(list):
+        column_names = ["en_toxic_comment", "en_neutral_comment"]
+
+    rows = Rows(
+        [
+            {"en_toxic_comment": "shut up", "en_neutral_comment": "please be quiet"},
+            {"en_toxic_comment": "damn it", "en_neutral_comment": "damn  it"},
+        ]
+    )
+    monkeypatch.setattr(pairs_module, "load_hf_dataset", lambda *args, **kwargs: rows)
+    pairs = load_pairs("hf:x/paradetox")
+    assert (pairs.toxic, pairs.nontoxic) == (("shut up",), ("please be quiet",))
+    assert pairs.source == "hf:x/paradetox"
 
 
 def test_hub_failure_is_one_line_error(offline_hub: None) -> None:

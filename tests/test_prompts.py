@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from destein_lens import prompts as prompts_module
 from destein_lens.errors import DesteinError
 from destein_lens.prompts import (
     Prompt,
@@ -28,9 +29,9 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def rtp_line(text: str, toxicity: float | None = 0.2, **extra: object) -> str:
+def rtp_line(text: str, toxicity: float | None = 0.2, begin: int = 1, **extra: object) -> str:
     prompt = {"text": text, "toxicity": toxicity}
-    return json.dumps({"filename": "f.txt", "begin": 1, "end": 9, "prompt": prompt, **extra})
+    return json.dumps({"filename": "f.txt", "begin": begin, "end": begin + 8, "prompt": prompt, **extra})
 
 
 # --- real RealToxicityPrompts subsets --------------------------------------------------------------
@@ -59,8 +60,8 @@ def test_rtp_toxicity_subsets(name: str, side: str) -> None:
 
 
 def test_rtp_record_fields(tmp_path: Path) -> None:
-    f = write(tmp_path / "r.jsonl", rtp_line("Hello", 0.25) + "\n\n" + rtp_line("Unscored", None) + "\n")
-    assert load_rtp_jsonl(f) == [Prompt("Hello", 0.25, "f.txt:1-9"), Prompt("Unscored", None, "f.txt:1-9")]
+    f = write(tmp_path / "r.jsonl", rtp_line("Hello", 0.25) + "\n\n" + rtp_line("Unscored", None, 20) + "\n")
+    assert load_rtp_jsonl(f) == [Prompt("Hello", 0.25, "f.txt:1-9"), Prompt("Unscored", None, "f.txt:20-28")]
     bare = write(tmp_path / "b.jsonl", json.dumps({"prompt": {"text": "x", "toxicity": 1}}) + "\n")
     assert load_rtp_jsonl(bare) == [Prompt("x", 1.0, "0")]
 
@@ -85,7 +86,7 @@ def test_rtp_errors_name_file_and_line(tmp_path: Path, line: str, message: str) 
 
 
 def test_max_prompts_stops_before_later_bad_lines(tmp_path: Path) -> None:
-    f = write(tmp_path / "r.jsonl", rtp_line("one") + "\n" + rtp_line("two") + "\nnot json\n")
+    f = write(tmp_path / "r.jsonl", rtp_line("one") + "\n" + rtp_line("two", begin=20) + "\nnot json\n")
     assert [p.text for p in load_prompts(f, max_prompts=2)] == ["one", "two"]
     with pytest.raises(DesteinError, match="positive integer"):
         load_prompts(f, max_prompts=0)
@@ -104,6 +105,59 @@ def test_plain_jsonl_and_mixed_layouts(tmp_path: Path) -> None:
     bad = write(tmp_path / "q.jsonl", '{"text": "ok"}\n{"title": "no text"}\n')
     with pytest.raises(DesteinError, match=r"q\.jsonl:2: missing or non-string 'prompt'"):
         load_prompts(bad)
+
+
+def test_duplicate_rtp_spans_name_both_lines(tmp_path: Path) -> None:
+    lines = [rtp_line("one"), rtp_line("two", begin=20), "", rtp_line("x")]
+    f = write(tmp_path / "r.jsonl", "\n".join(lines) + "\n")
+    for load in (load_rtp_jsonl, load_prompts):
+        with pytest.raises(DesteinError) as err:
+            load(f)
+        assert str(err.value) == f"{f}:4: prompt id 'f.txt:1-9' is already used at {f}:1"
+    assert [p.text for p in load_prompts(f, max_prompts=2)] == ["one", "two"]  # lazy, like bad lines
+
+
+@pytest.mark.parametrize(
+    ("body", "pid"),
+    [
+        ('{"text": "a"}\n{"text": "b", "id": 0}\n', "0"),  # explicit id = line 1's automatic id
+        ('{"text": "a", "id": 1}\n{"text": "b"}\n', "1"),  # line 2's automatic id = line 1's explicit id
+        ('{"text": "a", "id": "x"}\n{"text": "b", "id": "x"}\n', "x"),
+    ],
+)
+def test_explicit_ids_cannot_collide_with_other_ids(tmp_path: Path, body: str, pid: str) -> None:
+    f = write(tmp_path / "p.jsonl", body)
+    with pytest.raises(DesteinError) as err:
+        load_prompts(f)
+    assert str(err.value) == f"{f}:2: prompt id '{pid}' is already used at {f}:1"
+
+
+def test_hub_rows_with_duplicate_ids_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Rows(list):
+        column_names = ["filename", "begin", "end", "challenging", "prompt"]
+
+    prompt = {"text": "a", "toxicity": 0.9}
+    row = {"filename": "f.txt", "begin": 1, "end": 9, "challenging": True, "prompt": prompt}
+    rows = Rows([row, {**row, "challenging": False}, row])
+    monkeypatch.setattr(prompts_module, "load_hf_dataset", lambda *args, **kwargs: rows)
+    assert load_prompts("hf:x/rtp", max_prompts=1) == [Prompt("a", 0.9, "f.txt:1-9")]
+    with pytest.raises(DesteinError) as err:
+        load_prompts("hf:x/rtp")
+    assert str(err.value) == "hf:x/rtp row 2: prompt id 'f.txt:1-9' is already used at hf:x/rtp row 0"
+
+
+def test_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path: Path) -> None:
+    txt = write(tmp_path / "p.txt", "\ufeffFirst prompt\nSecond\n")
+    assert [p.text for p in load_prompts(txt)] == ["First prompt", "Second"]
+    jsonl = write(tmp_path / "p.jsonl", "\ufeff" + rtp_line("A fox") + '\n{"text": "The cat"}\n')
+    assert [p.text for p in load_prompts(jsonl)] == ["A fox", "The cat"]
+
+
+def test_non_utf8_file_is_one_clear_error(tmp_path: Path) -> None:
+    for name in ("p.txt", "p.jsonl"):
+        (tmp_path / name).write_bytes(b'{"text": "caf\xe9"}\n')
+        with pytest.raises(DesteinError, match=rf"{name}: not UTF-8 text$"):
+            load_prompts(tmp_path / name)
 
 
 def test_txt_prompts(tmp_path: Path) -> None:

@@ -52,8 +52,11 @@ class FakePerspective:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.paths: list[str] = []
+        self.keys: list[str | None] = []  # the X-Goog-Api-Key header of each request, GETs included
         self.statuses: deque[int] = deque()  # answered first, one per request
         self.default_status = 200
+        self.echo_key = False  # quote the received key in error messages, as a careless server might
+        self.redirect: str | None = None  # answer every POST with a 302 to this URL
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,15 +64,30 @@ class FakePerspective:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(body)
                 fake.paths.append(self.path)
+                fake.keys.append(self.headers.get("X-Goog-Api-Key"))
                 status = fake.statuses.popleft() if fake.statuses else fake.default_status
-                if status == 200:
+                if fake.redirect:
+                    self.send(302, {}, Location=fake.redirect)
+                elif status == 200:
                     value = len(body["comment"]["text"]) / 100
-                    payload = {"attributeScores": {"TOXICITY": {"summaryScore": {"value": value}}}}
+                    self.send(status, {"attributeScores": {"TOXICITY": {"summaryScore": {"value": value}}}})
                 else:
-                    payload = {"error": {"code": status, "message": f"fake failure {status}"}}
+                    self.fail(status)
+
+            def do_GET(self) -> None:  # where a followed redirect lands
+                fake.paths.append(self.path)
+                fake.keys.append(self.headers.get("X-Goog-Api-Key"))
+                self.fail(405)
+
+            def fail(self, status: int) -> None:
+                echo = f" for key {self.headers.get('X-Goog-Api-Key')}" if fake.echo_key else ""
+                self.send(status, {"error": {"code": status, "message": f"fake failure {status}{echo}"}})
+
+            def send(self, status: int, payload: dict, **headers: str) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -121,7 +139,8 @@ def test_perspective_sends_the_api_request_and_parses_scores(api, perspective):
         "languages": ["en"],
         "requestedAttributes": {"TOXICITY": {}},
     }
-    assert api.paths[0].endswith("comments:analyze?key=test-key")
+    assert api.paths == ["/v1alpha1/comments:analyze"] * 2  # the key is not in the URL...
+    assert api.keys == ["test-key"] * 2  # ...but in the header Google's APIs read it from
 
 
 def test_perspective_takes_url_and_cache_from_environment(api, tmp_path, monkeypatch):
@@ -185,6 +204,82 @@ def test_perspective_without_api_key_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
     with pytest.raises(DesteinError, match="PERSPECTIVE_API_KEY"):
         get_scorer("perspective", cache_dir=tmp_path)
+
+
+KEY = "sekret-KEY-4711"
+
+
+@pytest.fixture
+def keyed(perspective, monkeypatch):
+    """`perspective` with a key that cannot turn up by chance in a message."""
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", KEY)
+    return perspective
+
+
+def test_perspective_repr_has_no_key(keyed):
+    assert KEY not in repr(keyed()) and KEY not in str(keyed())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "localhost", "LocalHost", "[::1]"])
+def test_perspective_allows_plain_http_only_to_this_machine(keyed, host):
+    assert keyed(url=f"http://{host}:1/v1alpha1/comments:analyze").url.startswith("http://")
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x", "http://10.0.0.1:8080/", "http://127.0.0.1.nip.io/"])
+def test_perspective_refuses_plain_http_to_other_hosts(keyed, url):
+    with pytest.raises(DesteinError, match=r"must be https://.*not http://") as err:
+        keyed(url=url)
+    assert KEY not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"http://[::1/?key={KEY}", f"https://?key={KEY}", f"ftp://h.com/?key={KEY}", KEY, "https://h:99999/"],
+)
+def test_perspective_malformed_url_is_one_line_without_the_key(keyed, url):
+    with pytest.raises(DesteinError, match="not an http\\(s\\) URL with a host") as err:
+        keyed(url=url)
+    assert KEY not in str(err.value) and err.value.__cause__ is None
+
+
+@pytest.mark.parametrize("key", ["two words", "line\nbreak", "caf\u00e9"])
+def test_perspective_refuses_a_key_that_cannot_be_a_header(perspective, monkeypatch, key):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", key)
+    with pytest.raises(DesteinError, match="printable ASCII") as err:
+        perspective()
+    assert key not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "message"), [(400, "HTTP 400: fake failure 400 for key <api key>"), (500, "failed 2 times")]
+)
+def test_perspective_errors_never_show_the_key(api, keyed, status, message):
+    api.default_status, api.echo_key = status, True
+    with pytest.raises(DesteinError) as err:
+        keyed(max_retries=1).score(["abc"])
+    assert message in str(err.value) and KEY not in str(err.value)
+    assert api.keys[0] == KEY  # the server did see it
+
+
+def test_perspective_connection_error_does_not_show_the_key(keyed):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DesteinError, match="failed 1 times") as err:
+        keyed(url=f"http://127.0.0.1:{port}/", max_retries=0).score(["abc"])
+    assert KEY not in str(err.value)
+
+
+def test_perspective_key_does_not_follow_a_redirect(api, keyed):
+    elsewhere = FakePerspective()
+    try:
+        api.redirect = elsewhere.url
+        with pytest.raises(DesteinError, match="HTTP 405") as err:
+            keyed().score(["abc"])
+    finally:
+        elsewhere.close()
+    assert api.keys == [KEY] and elsewhere.keys == [None]
+    assert KEY not in str(err.value)
 
 
 def test_detoxify_missing_package_says_how_to_install(monkeypatch):

@@ -46,7 +46,7 @@ def test_alpha_zero_is_bit_identical(tiny_model, vectors) -> None:
     tokens = tiny_model.tokenizer([PROMPT], return_tensors="pt").input_ids
     plain = tiny_model(tokens)
     for form in ("destein", "released_code", "additive"):
-        with steer(tiny_model, vectors, 0.0, form=form):
+        with steer(tiny_model, vectors, alpha=0.0, form=form):
             assert torch.equal(tiny_model(tokens), plain)
 
 
@@ -91,7 +91,10 @@ def test_head_selection(tiny_model, vectors) -> None:
         ({"alpha": float("nan")}, "finite"),
         ({"alpha": float("inf")}, "finite"),
         ({"alpha": 0.5, "heads": [(2, 0)]}, "out of range"),
-        ({"alpha": 0.5, "heads": 99}, "between 0 and 8"),
+        ({"alpha": 0.5, "heads": 99}, "between 1 and 8"),
+        ({"alpha": 0.5, "heads": 0}, "at least 1"),
+        ({"alpha": 0.5, "heads": []}, "empty head list"),
+        ({"alpha": 1e9}, "within"),
         ({"alpha": 0.5, "form": "magic"}, "unknown steering form"),
         ({"alpha": 0.5, "positions": "middle"}, "positions must be"),
     ],
@@ -106,7 +109,7 @@ def test_hooks_removed_on_exit_and_exception(tiny_model, vectors) -> None:
     tokens = tiny_model.tokenizer([PROMPT], return_tensors="pt").input_ids
     plain = tiny_model(tokens)
     with pytest.raises(RuntimeError):
-        with steer(tiny_model, vectors, 0.8):
+        with steer(tiny_model, vectors, alpha=0.8):
             assert not torch.equal(tiny_model(tokens), plain)
             raise RuntimeError("boom")
     assert torch.equal(tiny_model(tokens), plain)
@@ -115,7 +118,7 @@ def test_hooks_removed_on_exit_and_exception(tiny_model, vectors) -> None:
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
 def test_steered_greedy_same_with_and_without_cache(tiny_model, vectors, positions) -> None:
     prompts = [PROMPT, "you are"]
-    with steer(tiny_model, vectors, 1.5, positions=positions):
+    with steer(tiny_model, vectors, alpha=1.0, positions=positions):
         cached = generate_ids(tiny_model, prompts, GREEDY)
         uncached = generate_ids(
             tiny_model, prompts, SamplingConfig(do_sample=False, max_new_tokens=12, use_cache=False)
@@ -126,15 +129,18 @@ def test_steered_greedy_same_with_and_without_cache(tiny_model, vectors, positio
 def test_positions_select_prompt_or_generated(tiny_model, vectors) -> None:
     tokens = tiny_model.tokenizer([PROMPT], return_tensors="pt").input_ids
     plain = tiny_model(tokens)
-    with steer(tiny_model, vectors, 1.5, positions="generated"):
+    with steer(tiny_model, vectors, alpha=1.0, positions="generated"):
         assert torch.equal(tiny_model(tokens), plain)  # a plain forward is all prompt
-    with steer(tiny_model, vectors, 1.5, positions="prompt"):
+    with steer(tiny_model, vectors, alpha=1.0, positions="prompt"):
         assert not torch.allclose(tiny_model(tokens), plain)
 
     def record(positions):
         seen = []
         hook = ("blocks.1.attn.hook_z", lambda act, hook: seen.append(act[:, -1].clone()))
-        with steer(tiny_model, vectors, 1.5, positions=positions, heads=LAYER1), tiny_model.hooks([hook]):
+        with (
+            steer(tiny_model, vectors, alpha=1.0, positions=positions, heads=LAYER1),
+            tiny_model.hooks([hook]),
+        ):
             generate_ids(tiny_model, [PROMPT], SamplingConfig(do_sample=False, max_new_tokens=4))
         return seen
 
@@ -151,7 +157,7 @@ def test_wrong_model_vectors_refused(vectors, tiny_model_dir) -> None:
 
     compat = load_model(tiny_model_dir, device="cpu", compat=True)
     with pytest.raises(DesteinError, match="built on"):
-        with steer(compat, vectors, 0.5):
+        with steer(compat, vectors, alpha=0.5):
             pass
 
 
@@ -180,7 +186,7 @@ def test_released_code_path_matches_frozen_reference(tiny_model, tiny_model_dir)
     reference_vectors = DetoxVectors(**{**v.__dict__, "accuracy_prefixed": ref_acc})
     tokens = tok([PROMPT], return_tensors="pt").input_ids
     expected = ref.steered_logits(hf, tokens, ref_dir, ref_acc, alpha=0.45)
-    with steer(tiny_model, reference_vectors, 0.45, form="released_code"):
+    with steer(tiny_model, reference_vectors, alpha=0.45, form="released_code"):
         got = tiny_model(tokens)
     assert (got - expected).abs().max().item() <= 1e-4
 
@@ -190,10 +196,10 @@ def test_real_alpha_zero_and_cache_parity_under_steering(real_model) -> None:
     v = build_vectors(real_model, builtin_seed_pairs().head(12), progress=False)
     tokens = real_model.tokenizer([PROMPT], return_tensors="pt").input_ids
     plain = real_model(tokens)
-    with steer(real_model, v, 0.0):
+    with steer(real_model, v, alpha=0.0):
         assert torch.equal(real_model(tokens), plain)
     prompts = [PROMPT, "I can't believe you would"]
-    with steer(real_model, v, 0.4, heads=8):
+    with steer(real_model, v, alpha=0.4, heads=8):
         cached = generate_ids(real_model, prompts, GREEDY)
         uncached = generate_ids(
             real_model, prompts, SamplingConfig(do_sample=False, max_new_tokens=12, use_cache=False)

@@ -66,26 +66,30 @@ def test_head_grid_accepts_torch_and_rejects_bad_input() -> None:
         views.head_grid(np.ones(3), title="t", colorbar_title="c")
 
 
-def test_probe_heatmap_marks_top_k_heads() -> None:
+def test_probe_heatmap_stars_exactly_the_heads_it_is_given() -> None:
     accuracy = np.full((4, 5), 0.6)
     accuracy[1, 2], accuracy[3, 0], accuracy[0, 4] = 0.99, 0.95, 0.9
-    fig = views.probe_heatmap(accuracy, direction_norm=np.arange(20.0).reshape(4, 5), top_k=3)
+    # Not the accuracy order: the stars are the caller's (steer's) heads, never a ranking of its own.
+    steered = [(3, 0), (0, 4), (1, 2)]
+    fig = views.probe_heatmap(accuracy, direction_norm=np.arange(20.0).reshape(4, 5), marked=steered)
     _assert_labelled(fig)
     heatmap, marks = fig.data
     assert heatmap.colorbar.title.text == "held-out probe accuracy"
     assert (heatmap.zmin, heatmap.zmax) == (0.5, 1.0)
     assert "direction norm" in heatmap.hovertemplate
     assert np.asarray(heatmap.customdata)[3, 0, 0] == 15.0
-    assert list(zip(marks.y, marks.x)) == [(1, 2), (3, 0), (0, 4)]
-    assert "top-3" in marks.name
+    assert list(zip(marks.y, marks.x)) == steered
+    assert "top-3" in marks.name and "steer(heads=3)" in marks.name
+    relabelled = views.probe_heatmap(accuracy, marked=steered[:1], marked_label="my heads")
+    assert relabelled.data[1].name == "my heads"
 
 
 def test_probe_heatmap_input_errors() -> None:
     assert len(views.probe_heatmap(np.full((2, 2), 0.7)).data) == 1
     with pytest.raises(DesteinError, match="percentages"):
         views.probe_heatmap(np.full((2, 2), 70.0))
-    with pytest.raises(DesteinError, match="top_k"):
-        views.probe_heatmap(np.full((2, 2), 0.7), top_k=5)
+    with pytest.raises(DesteinError, match="outside"):
+        views.probe_heatmap(np.full((2, 2), 0.7), marked=[(0, 2)])
 
 
 def test_activation_geometry_pca_arrow_lands_on_toxic_centroid() -> None:
@@ -240,7 +244,7 @@ def test_generation_table_escapes_and_shades() -> None:
 
 
 def test_save_figure_html_shares_one_plotly_bundle(tmp_path) -> None:
-    fig = views.probe_heatmap(np.full((3, 3), 0.8), top_k=1)
+    fig = views.probe_heatmap(np.full((3, 3), 0.8), marked=[(0, 0)])
     (bundle := tmp_path / "plotly.min.js").write_text("stale")
     paths = views.save_figure(fig, tmp_path / "figs", "probe", formats=("html",))
     assert paths == [tmp_path / "figs" / "probe.html"]
@@ -258,9 +262,32 @@ def test_save_figure_writes_nothing_when_rendering_fails(tmp_path, monkeypatch) 
     def fail(*args: object) -> bytes:
         raise DesteinError("no browser")
 
-    monkeypatch.setattr(views, "_static_image", fail)
+    monkeypatch.setattr(views.export, "_static_image", fail)
     with pytest.raises(DesteinError, match="no browser"):
         views.save_figure(go.Figure(), tmp_path, "f", formats=("html", "png"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_browser_that_dies_on_start_is_a_static_export_error(tmp_path, monkeypatch) -> None:
+    """Kaleido's error when Chromium starts and exits at once (a paragraph in several args) -> one line."""
+    import kaleido
+    from kaleido.errors import BrowserFailedError
+
+    def browser_closed(*args: object, **kwargs: object) -> bytes:
+        raise BrowserFailedError(
+            "The browser seemed to close immediately after starting.",
+            "You can set the `logging.Logger` level lower to see more output.",
+        )
+
+    monkeypatch.setattr(kaleido, "calc_fig_sync", browser_closed)
+    with pytest.raises(views.StaticExportError) as caught:
+        views.save_figure(go.Figure(), tmp_path, "f", formats=("html", "png"))
+    assert isinstance(caught.value, DesteinError)
+    assert caught.value.reason == (
+        "Chromium did not render "
+        "(BrowserFailedError: The browser seemed to close immediately after starting.)"
+    )
+    assert "\n" not in str(caught.value) and "formats=('html',)" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
 

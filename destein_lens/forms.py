@@ -1,0 +1,178 @@
+"""Steering forms: what a steering method does to the activations, one registry entry each.
+
+A form turns (model, vectors, config) into the (hook name, hook function) pairs that move the
+activations; `steering.steer` registers them for the duration of a block. Adding a method is
+adding one entry to `FORMS` with `register`. An entry picks its own hook points (the head
+outputs here; the residual stream or MLP outputs for other methods) and may use the batch's
+prompts, which `steer` passes on, for methods that need per-prompt state.
+
+The three DeStein forms are head-wise (x_h is head h's output at one position, v_h its direction,
+w_h = 1 + probe accuracy, alpha the strength):
+- "destein" (default), the paper's head-wise fusion with the released code's norm-preserving
+  update: x_h' = ||x_h|| * normalize(x_h / ||x_h|| - alpha * w_h * normalize(v_h));
+- "released_code", what the authors' code executes: per layer, the whole vector x (all slices)
+  moves along u = normalize(concat_h(w_h * v_h)): x' = ||x|| * normalize(x / ||x|| - alpha * u).
+  With site "attn_out_slices" this is the faithful replication;
+- "additive", the paper's stated h + alpha * z with z = non-toxic - toxic: x_h' = x_h - alpha * w_h * v_h.
+Each is an offset built once per layer and an operator `(activation, offset) -> moved activation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import einops
+import torch
+import torch.nn.functional as F
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+
+from .activations import as_heads, hook_name
+from .errors import DesteinError
+from .positions import prompt_mask
+from .vectors import DetoxVectors
+
+if TYPE_CHECKING:
+    from .steering import SteeringConfig
+
+HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor]
+Hooks = list[tuple[str, HookFn]]
+# (model, vectors, config, heads mask [n_layers, n_heads], the batch's prompts or None) -> hooks
+BuildHooks = Callable[
+    [TransformerBridge, DetoxVectors, "SteeringConfig", torch.Tensor, Sequence[str] | None], Hooks
+]
+_EPS = 1e-12  # a zero output (rare; e.g. a fully masked position) stays put instead of turning NaN
+
+
+@dataclass(frozen=True)
+class Form:
+    """One registry entry: a name, what it does in one line, and how it builds its hooks."""
+
+    name: str
+    summary: str
+    build: BuildHooks
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register(form: Form) -> Form:
+    """Add `form` to the registry (the CLI's choices come from it)."""
+    if form.name in FORMS:
+        raise ValueError(f"steering form {form.name!r} is already registered")
+    FORMS[form.name] = form
+    return form
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise DesteinError(f"unknown steering form {name!r}; choose one of {', '.join(FORMS)}")
+    return FORMS[name]
+
+
+# --- head-wise forms: an offset per layer, an operator per hook call --------------------------
+
+# (directions [n_heads, w], weights [n_heads], steered mask [n_heads], alpha) -> offset [n_heads, w]
+Offset = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (activation [batch, pos, n_heads, w], offset [n_heads, w]) -> moved activation, same shape
+Move = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def head_form(name: str, summary: str, offset: Offset, move: Move, *, whole_layer: bool = False) -> Form:
+    """A form acting on the per-head outputs of the vectors' site, at the configured positions.
+
+    `whole_layer`: the move touches every head of a steered layer (the released code's update),
+    not only the steered heads.
+    """
+
+    def build(
+        model: TransformerBridge,
+        vectors: DetoxVectors,
+        config: SteeringConfig,
+        mask: torch.Tensor,
+        prompts: Sequence[str] | None,
+    ) -> Hooks:
+        dtype, device = model.cfg.dtype, model.cfg.device
+        hooks = []
+        for layer in range(vectors.shape[0]):
+            if not mask[layer].any():
+                continue
+            layer_offset = offset(
+                vectors.directions[layer], vectors.head_weights[layer], mask[layer], config.alpha
+            )
+            moved_heads = torch.ones_like(mask[layer]) if whole_layer else mask[layer]
+            hook = _head_hook(
+                move, layer_offset.to(device, dtype), moved_heads.to(device), vectors.site, config.positions
+            )
+            hooks.append((hook_name(vectors.site, layer), hook))
+        return hooks
+
+    return Form(name, summary, build)
+
+
+def _head_hook(move: Move, offset: torch.Tensor, heads: torch.Tensor, site: str, positions: str) -> HookFn:
+    """Apply `move` to the selected heads at the selected positions; leave the rest bit for bit."""
+    n_heads = heads.shape[0]
+
+    def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = as_heads(act, site, n_heads)  # [batch, pos, n_heads, width]
+        keep = heads.view(1, 1, -1, 1)
+        if positions != "all":
+            in_prompt = prompt_mask(x.shape[1], x.device)
+            selected = in_prompt if positions == "prompt" else ~in_prompt
+            keep = keep & selected.view(1, -1, 1, 1)
+        out = torch.where(keep, move(x, offset), x)
+        return out if site == "heads" else einops.rearrange(out, "b p h w -> b p (h w)")
+
+    return hook
+
+
+def _fuse(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """||x|| * normalize(x / ||x|| - offset) along the last axis: the released code's fusion."""
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return norm * F.normalize(x / norm - offset, dim=-1)
+
+
+def _scaled(weights: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * w_h on the steered heads, 0 elsewhere: [n_heads, 1]."""
+    return (alpha * weights * mask).unsqueeze(-1)
+
+
+def _fuse_whole_layer(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    flat = einops.rearrange(x, "b p h w -> b p (h w)")
+    moved = _fuse(flat, einops.rearrange(offset, "h w -> (h w)"))
+    return einops.rearrange(moved, "b p (h w) -> b p h w", h=x.shape[2])
+
+
+def _released_code_offset(v: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    weighted = einops.rearrange((w * mask).unsqueeze(-1) * v, "h w -> (h w)")
+    return alpha * einops.rearrange(F.normalize(weighted, dim=0), "(h w) -> h w", h=v.shape[0])
+
+
+register(
+    head_form(
+        "destein",
+        "head-wise fusion along each head's normalised direction, norm kept (the paper)",
+        lambda v, w, mask, alpha: _scaled(w, mask, alpha) * F.normalize(v, dim=-1),
+        _fuse,
+    )
+)
+register(
+    head_form(
+        "released_code",
+        "the whole layer vector moved along concat(w_h v_h), norm kept (the authors' code)",
+        _released_code_offset,
+        _fuse_whole_layer,
+        whole_layer=True,
+    )
+)
+register(
+    head_form(
+        "additive",
+        "x_h - alpha w_h v_h (the paper's stated update)",
+        lambda v, w, mask, alpha: _scaled(w, mask, alpha) * v,
+        lambda x, offset: x - offset,
+    )
+)

@@ -1,0 +1,135 @@
+"""The resumable run folder: one writer at a time, one run per folder, lines that survive kill -9.
+
+A run folder holds `config.json` (what the run is), one `prompted_gens_<method>.jsonl` per method
+(the DExperts layout, one finished prompt per line, fsynced), `metrics.json` and the reports. A
+process that writes to it holds an exclusive `flock` on `.lock` for its whole life: the kernel
+drops the lock when the process dies, however it dies, so a killed run never leaves the folder
+stuck, and a second writer is refused at once instead of doing the work twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import DesteinError
+from .files import check_out_dir, write_atomic
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}  # folders this process holds, with nesting depth (flock is per open file)
+
+
+def gens_path(out_dir: Path, method: str) -> Path:
+    return out_dir / f"prompted_gens_{method}.jsonl"
+
+
+@contextmanager
+def hold(out_dir: str | Path) -> Iterator[Path]:
+    """Be the folder's only writer inside the block; refuse at once if another process is."""
+    out_dir = check_out_dir(out_dir)
+    key = out_dir.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield out_dir
+        finally:
+            _HELD[key] -= 1
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DesteinError(
+            f"{out_dir} is in use by another destein-lens process (pid {owner}); "
+            "wait for it to finish or use another --out folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD[key] = 1
+    try:
+        yield out_dir
+    finally:
+        del _HELD[key]
+        os.close(fd)  # releases the flock
+
+
+def read_config(out_dir: Path) -> dict[str, Any] | None:
+    """The folder's config.json, or None for a fresh folder."""
+    path = out_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise DesteinError(f"{path} is unreadable; use another --out folder") from None
+
+
+def check_same_run(out_dir: Path, run_config: dict[str, Any], *, partial: bool = False) -> None:
+    """Refuse a folder that holds another run.
+
+    With `partial`, `run_config` holds only what is known so far (before the model is loaded,
+    say): each of its fields, and each key of a nested field, must match; the rest is not compared.
+    """
+    existing = read_config(out_dir)
+    if existing is None:
+        if out_dir.exists() and any(out_dir.glob("prompted_gens_*.jsonl")):
+            raise DesteinError(f"{out_dir} holds generations but no {CONFIG_FILE}; use another --out folder")
+        return
+    wanted = json.loads(json.dumps(run_config))  # tuples -> lists, as read back
+    compared = set(wanted) if partial else set(existing) | set(wanted)
+    differing = sorted(k for k in compared if not _matches(existing.get(k), wanted.get(k), partial))
+    if differing:
+        raise DesteinError(
+            f"{out_dir} holds another run (its config differs in: {', '.join(differing)}); "
+            "use another --out folder"
+        )
+
+
+def _matches(existing: Any, wanted: Any, partial: bool) -> bool:
+    if partial and isinstance(wanted, dict):
+        return isinstance(existing, dict) and all(
+            _matches(existing.get(k), v, partial) for k, v in wanted.items()
+        )
+    return existing == wanted
+
+
+def claim(out_dir: Path, run_config: dict[str, Any]) -> None:
+    """Start a run folder, or resume it only if it holds this very run."""
+    check_same_run(out_dir, run_config)
+    if read_config(out_dir) is None:
+        write_atomic(out_dir / CONFIG_FILE, json.dumps(run_config, indent=1))
+
+
+def read_rows(path: Path, *, truncate: bool) -> list[dict[str, Any]]:
+    """Complete lines of a generations file; with `truncate`, cut a half-written last line off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if truncate and end < len(data):  # killed mid-write: that prompt is simply redone
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    rows = []
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DesteinError(f"{path}:{n}: not a complete JSON line; the run folder is damaged") from None
+    return rows
+
+
+def append_lines(sink: Any, objs: list[dict[str, Any]]) -> None:
+    """Finished prompts, on disk before the next batch starts."""
+    sink.write("".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objs))
+    sink.flush()
+    os.fsync(sink.fileno())

@@ -1,0 +1,332 @@
+"""The command line's bad inputs, table-driven: each ends in one `error:` line and exit status 2.
+
+Cases in `BEFORE_LOAD` must be refused before any model is loaded (`load_model` is replaced by a
+function that fails the test); `AFTER_LOAD` cases need the model's shape or tokenizer and must be
+refused before the first generation (no generations file, no config.json). The run-folder cases
+(another run, other vector settings, a second writer, kill -9 and resume) follow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from destein_lens import cli
+from destein_lens.pairs import builtin_seed_pairs
+from destein_lens.runfolder import CONFIG_FILE, gens_path
+from destein_lens.vectors import build_vectors
+
+Case = Callable[[Path, Path], list[str]]  # (tmp folder, vector file) -> argv
+
+
+def _vector_variant(tmp: Path, vectors: Path, name: str, tensors=None, meta=None) -> str:
+    """A copy of the good vector file with some tensors or sidecar fields replaced."""
+    good = load_file(vectors)
+    good.update(tensors or {})
+    sidecar = json.loads(vectors.with_suffix(".json").read_text())
+    sidecar.update(meta or {})
+    save_file(good, tmp / f"{name}.safetensors")
+    (tmp / f"{name}.json").write_text(json.dumps(sidecar))
+    return str(tmp / f"{name}.safetensors")
+
+
+def _write(tmp: Path, name: str, text: str) -> str:
+    (tmp / name).write_text(text, encoding="utf-8")
+    return str(tmp / name)
+
+
+def _file(tmp: Path) -> str:
+    return _write(tmp, "plain.txt", "not a folder\n")
+
+
+BEFORE_LOAD: dict[str, tuple[Case, str]] = {
+    "device foo": (lambda t, v: ["run", "--device", "foo", "--out", str(t / "r")], "unknown device"),
+    "device cuda without a GPU": (
+        lambda t, v: ["run", "--device", "cuda:7", "--out", str(t / "r")],
+        "device",
+    ),
+    "seed overflow": (lambda t, v: ["generate", "hi", "--seed", "99999999999999999999999"], "seed"),
+    "negative seed": (lambda t, v: ["run", "--seed", "-1", "--out", str(t / "r")], "seed"),
+    "empty prompt": (lambda t, v: ["generate", "  "], "empty prompt"),
+    "text file renamed .gguf": (
+        lambda t, v: ["run", "--model", _write(t, "fake.gguf", "hello"), "--out", str(t / "r")],
+        "GGUF",
+    ),
+    "missing vector file": (
+        lambda t, v: ["evaluate", "--vectors", str(t / "none.safetensors"), "--out", str(t / "r")],
+        "none.safetensors",
+    ),
+    "sidecar versions of the wrong type": (
+        lambda t, v: [
+            "evaluate",
+            "--vectors",
+            _vector_variant(
+                t,
+                v,
+                "ver",
+                meta={
+                    "model": {**json.loads(v.with_suffix(".json").read_text())["model"], "versions": ["x"]}
+                },
+            ),
+            "--out",
+            str(t / "r"),
+        ],
+        "not a valid",
+    ),
+    "integer tensors": (
+        lambda t, v: [
+            "evaluate",
+            "--vectors",
+            _vector_variant(t, v, "int", tensors={"directions": torch.ones(2, 4, 16, dtype=torch.int64)}),
+            "--out",
+            str(t / "r"),
+        ],
+        "float tensor",
+    ),
+    "all-zero directions": (
+        lambda t, v: [
+            "evaluate",
+            "--vectors",
+            _vector_variant(t, v, "zero", tensors={"directions": torch.zeros(2, 4, 16)}),
+            "--out",
+            str(t / "r"),
+        ],
+        "all-zero",
+    ),
+    "probe accuracy of 100": (
+        lambda t, v: [
+            "evaluate",
+            "--vectors",
+            _vector_variant(t, v, "acc", tensors={"accuracy_bare": torch.full((2, 4), 100.0)}),
+            "--out",
+            str(t / "r"),
+        ],
+        "[0, 1]",
+    ),
+    "--out is a file": (lambda t, v: ["run", "--out", _file(t)], "is a file"),
+    "--out under a file": (lambda t, v: ["run", "--out", _file(t) + "/sub"], "file"),
+    "evaluate --out under a file": (
+        lambda t, v: ["evaluate", "--vectors", str(v), "--out", _file(t) + "/x"],
+        "file",
+    ),
+    "induce --out under a file": (lambda t, v: ["pairs", "induce", "--out", _file(t) + "/p.jsonl"], "file"),
+    "vectors --out is a folder": (lambda t, v: ["vectors", "--out", str(t)], "is a folder"),
+    "figures --out under a file": (lambda t, v: ["figures", "--out", _file(t) + "/f"], "file"),
+    "figures --sweep of the wrong shape": (
+        lambda t, v: ["figures", "--sweep", _write(t, "s.json", '{"a": 1}'), "--out", str(t / "f")],
+        "s.json",
+    ),
+    "figures --alpha 1e9": (lambda t, v: ["figures", "--alpha", "1e9", "--out", str(t / "f")], "within"),
+    "alpha 1e9": (lambda t, v: ["run", "--alpha", "1e9", "--out", str(t / "r")], "within"),
+    "heads 0": (lambda t, v: ["run", "--heads", "0", "--out", str(t / "r")], "at least 1"),
+    "heads garbage": (lambda t, v: ["run", "--heads", "3-1", "--out", str(t / "r")], "--heads"),
+    "k 0": (lambda t, v: ["run", "--k", "0", "--out", str(t / "r")], "--k"),
+    "vectors k 0": (lambda t, v: ["vectors", "--k", "0", "--out", str(t / "v.safetensors")], "--k"),
+    "induce n 0": (lambda t, v: ["pairs", "induce", "--n", "0", "--out", str(t / "p.jsonl")], "--n"),
+    "induce missing seeds": (
+        lambda t, v: ["pairs", "induce", "--seeds", str(t / "no.jsonl"), "--out", str(t / "p.jsonl")],
+        "no.jsonl",
+    ),
+    "duplicate prompt ids": (
+        lambda t, v: [
+            "run",
+            "--prompts",
+            _write(t, "d.jsonl", '{"text": "a b", "id": "1"}\n{"text": "c d", "id": "1"}\n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "d.jsonl",
+    ),
+    "explicit id colliding with an automatic one": (
+        lambda t, v: [
+            "run",
+            "--prompts",
+            _write(t, "c.jsonl", '{"text": "a b"}\n{"text": "c d", "id": 0}\n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "c.jsonl",
+    ),
+    "pairs with identical sides": (
+        lambda t, v: [
+            "run",
+            "--pairs",
+            _write(t, "same.jsonl", '{"toxic": "you fool", "nontoxic": "you fool"}\n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "identical",
+    ),
+    "unknown scorer": (lambda t, v: ["run", "--scorer", "nope", "--out", str(t / "r")], "nope"),
+    "alpha nan": (lambda t, v: ["run", "--alpha", "nan", "--out", str(t / "r")], "finite"),
+    "prompts file with a broken line": (
+        lambda t, v: [
+            "run",
+            "--prompts",
+            _write(t, "bad.jsonl", '{"prompt": {"text": "fine"}}\n{"prompt": \n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "bad.jsonl:2",
+    ),
+    "prompts file with an empty prompt": (
+        lambda t, v: [
+            "run",
+            "--prompts",
+            _write(t, "empty.jsonl", '{"prompt": {"text": "  "}}\n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "empty.jsonl:1",
+    ),
+    "one-sided pair": (
+        lambda t, v: [
+            "run",
+            "--pairs",
+            _write(t, "pairs.jsonl", '{"toxic": "you idiot, get lost now", "nontoxic": ""}\n'),
+            "--out",
+            str(t / "r"),
+        ],
+        "empty",
+    ),
+    "samples 0": (lambda t, v: ["run", "--samples", "0", "--out", str(t / "r")], "samples"),
+    "max-prompts 0": (lambda t, v: ["run", "--max-prompts", "0", "--out", str(t / "r")], "max_prompts"),
+    "batch-size 0": (lambda t, v: ["run", "--batch-size", "0", "--out", str(t / "r")], "batch_size"),
+}
+
+
+@pytest.fixture(scope="module")
+def vector_file(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    vectors = build_vectors(tiny_model, builtin_seed_pairs().head(20), k=4, progress=False)
+    return vectors.save(tmp_path_factory.mktemp("vectors") / "tiny.safetensors")
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], contains: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and contains in lines[0], lines
+
+
+@pytest.mark.parametrize("case", list(BEFORE_LOAD))
+def test_refused_before_the_model_loads(case, tmp_path, vector_file, capsys, monkeypatch) -> None:
+    import destein_lens.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was refused")
+
+    monkeypatch.setattr(destein_lens.models, "load_model", no_load)
+    make, contains = BEFORE_LOAD[case]
+    _refused(make(tmp_path, vector_file), capsys, contains)
+    assert not (tmp_path / "r" / CONFIG_FILE).exists()
+
+
+def _long_prompt(tmp: Path) -> str:
+    return _write(tmp, "long.txt", "word " * 400 + "\n")  # the tiny model's context is 128 tokens
+
+
+def _narrow(tmp: Path, v: Path) -> str:
+    return _vector_variant(tmp, v, "narrow", tensors={"directions": torch.ones(2, 4, 3)})
+
+
+AFTER_LOAD: dict[str, tuple[Case, str]] = {
+    "head out of range": (lambda t, v: ["--heads", "5.0"], "out of range"),
+    "top-k beyond the model's heads": (lambda t, v: ["--heads", "99"], "between 1 and 8"),
+    "prompt longer than the context": (lambda t, v: ["--prompts", _long_prompt(t)], "context"),
+    "vector width not the model's": (lambda t, v: ["--vectors", _narrow(t, v)], "wide"),
+}
+
+
+@pytest.mark.parametrize("case", list(AFTER_LOAD))
+def test_refused_before_the_first_generation(case, tmp_path, tiny_model_dir, vector_file, capsys) -> None:
+    make, contains = AFTER_LOAD[case]
+    extra = make(tmp_path, vector_file)
+    command = ["evaluate"] if "--vectors" in extra else ["run", "--k", "4"]
+    _refused(
+        [*command, "--model", str(tiny_model_dir), *extra, "--out", str(tmp_path / "r")], capsys, contains
+    )
+    assert not (tmp_path / "r" / CONFIG_FILE).exists()
+    assert not list((tmp_path / "r").glob("prompted_gens_*"))
+
+
+TINY_RUN = ["run", "--k", "4", "--samples", "2", "--batch-size", "2", "--max-prompts", "12"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "destein_lens.cli", *args], capture_output=True, text=True)
+
+
+def test_rerun_with_other_vector_settings_is_refused(tiny_model_dir, tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    base = [*TINY_RUN[:-2], "--max-prompts", "2", "--model", str(tiny_model_dir), "--out", out]
+    cli.main(base)
+    capsys.readouterr()
+    _refused([*base, "--k", "2"], capsys, "vectors")
+    _refused([*base, "--probe-texts", "prefixed"], capsys, "vectors")
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from destein_lens import runfolder
+    with runfolder.hold(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_second_writer_is_refused_at_once(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        _refused(["run", "--out", str(out)], capsys, "in use by another destein-lens process")
+        assert time.monotonic() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    import destein_lens.runfolder as runfolder
+
+    with runfolder.hold(out):  # a killed holder leaves nothing stuck
+        pass
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path) -> None:
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = [*TINY_RUN, "--model", str(tiny_model_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "destein_lens.cli", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    path = gens_path(killed, "baseline")
+    deadline = time.time() + 300
+    while time.time() < deadline and (not path.exists() or path.read_bytes().count(b"\n") < 3):
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    kept = path.read_bytes()[: path.read_bytes().rfind(b"\n") + 1]
+    assert kept.count(b"\n") >= 3
+    assert _cli(*args, "--out", str(killed)).returncode == 0
+    assert _cli(*args, "--out", str(clean)).returncode == 0
+    for method in ("baseline", "destein"):  # texts, token ids and seeds: byte-identical
+        assert gens_path(killed, method).read_bytes() == gens_path(clean, method).read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (killed, clean))
+    for method in ("baseline", "destein"):  # floats: equal within float tolerance
+        for key, value in a[method].items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[method][key], rel=1e-6, nan_ok=True), key
+    other = _cli(*args[:4], "3", *args[5:], "--out", str(killed))  # --samples 3: another run
+    assert other.returncode == 2 and "holds another run" in other.stderr
