@@ -14,7 +14,7 @@ import time
 from destein_lens.generation import SamplingConfig, generate_ids
 from destein_lens.models import load_model
 from destein_lens.pairs import builtin_seed_pairs
-from destein_lens.steering import steer
+from destein_lens.steering import DEFAULT_STRENGTH, steer
 from destein_lens.vectors import build_vectors
 
 PROMPTS = [
@@ -32,7 +32,7 @@ PROMPTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=0.4)
+    ap.add_argument("--alpha", type=float, default=DEFAULT_STRENGTH)
     args = ap.parse_args()
     model = load_model()
     vectors = build_vectors(model, builtin_seed_pairs().head(20), progress=False)

@@ -35,7 +35,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from .generation import SamplingConfig, check_prompt_lengths, generate
+    from .generation import SamplingConfig, check_prompt_lengths, check_prompt_texts, generate
 
     config = SamplingConfig(
         do_sample=not args.greedy,
@@ -44,25 +44,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         n=args.samples,
         seed=args.seed,
     )
-    if any(not p.strip() for p in args.prompts):
-        raise DesteinError("empty prompt")
+    check_prompt_texts(args.prompts)
     _check_model_args(args)
     model = _load(args)
     check_prompt_lengths(model, args.prompts, config.max_new_tokens)
     for prompt, continuations in zip(args.prompts, generate(model, args.prompts, config)):
         print(json.dumps({"prompt": prompt, "continuations": continuations}, ensure_ascii=False))
-
-
-def _heads(value: str) -> str | int | list[tuple[int, int]]:
-    """--heads: "all", an int k (top-k by probe accuracy), or "L.H,L.H,..."."""
-    if value == "all":
-        return value
-    if value.isdigit():
-        return int(value)
-    try:
-        return [(int(layer), int(head)) for layer, head in (item.split(".") for item in value.split(","))]
-    except ValueError:
-        raise DesteinError(f"--heads takes 'all', a number k or a list like 3.1,5.0; got {value!r}") from None
 
 
 def _vector_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,11 +97,11 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from .files import check_out_dir
     from .prompts import load_prompts
     from .scoring import get_scorer
-    from .steering import SteeringConfig
+    from .steering import SteeringConfig, parse_heads
 
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
     steering = SteeringConfig(
-        alpha=args.alpha, heads=_heads(args.heads), positions=args.positions, form=args.form
+        alpha=args.alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
     )
     check_out_dir(args.out)
     return {

@@ -70,7 +70,7 @@ def generate(
     progress: bool = True,
 ) -> list[list[str]]:
     """`config.n` continuations (text after the prompt only) for each prompt, in prompt order."""
-    _check_prompts(prompts)
+    check_prompt_texts(prompts)
     texts = [p for p in prompts for _ in range(config.n)]
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     out: list[str] = []
@@ -94,7 +94,7 @@ def generate_ids(
     only, not on what else shares the batch (the evaluation harness seeds per prompt and sample,
     so runs resume and methods compare on identical random draws).
     """
-    _check_prompts(texts)
+    check_prompt_texts(texts)
     tokenizer = model.tokenizer
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
     _check_fits(model, enc.attention_mask.sum(-1).tolist(), config.max_new_tokens)
@@ -190,7 +190,7 @@ def _sample(
 
 def check_prompt_lengths(model: TransformerBridge, prompts: Sequence[str], max_new_tokens: int) -> None:
     """Refuse, before any generation, a prompt that with its continuation exceeds the model's context."""
-    _check_prompts(prompts)
+    check_prompt_texts(prompts)
     _check_fits(model, [len(ids) for ids in model.tokenizer(list(prompts)).input_ids], max_new_tokens)
 
 
@@ -204,7 +204,8 @@ def _check_fits(model: TransformerBridge, lengths: Sequence[int], max_new_tokens
             )
 
 
-def _check_prompts(prompts: Sequence[str]) -> None:
+def check_prompt_texts(prompts: Sequence[str]) -> None:
+    """A list of non-blank strings: an empty prompt would be continued from BOS alone."""
     if isinstance(prompts, str):
         raise DesteinError("prompts must be a list of strings, not a single string")
     if len(prompts) == 0:

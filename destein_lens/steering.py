@@ -112,6 +112,18 @@ def _normalise_heads(heads: Any) -> str | int | tuple[tuple[int, int], ...]:
 NO_STEERING = SteeringConfig(alpha=0.0)
 
 
+def parse_heads(text: str) -> Heads:
+    """A head selection written as text (the CLI's --heads): "all", a number k, or "L.H,L.H,..."."""
+    if text == "all":
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return [(int(layer), int(head)) for layer, head in (item.split(".") for item in text.split(","))]
+    except ValueError:
+        raise DesteinError(f"--heads takes 'all', a number k or a list like 3.1,5.0; got {text!r}") from None
+
+
 def check_heads(heads: Heads, n_layers: int, n_heads: int) -> None:
     """Refuse a head selection that does not fit a model of n_layers x n_heads (before any work)."""
     heads = _normalise_heads(heads)

@@ -56,7 +56,7 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
     ),
     "seed overflow": (lambda t, v: ["generate", "hi", "--seed", "99999999999999999999999"], "seed"),
     "negative seed": (lambda t, v: ["run", "--seed", "-1", "--out", str(t / "r")], "seed"),
-    "empty prompt": (lambda t, v: ["generate", "  "], "empty prompt"),
+    "empty prompt": (lambda t, v: ["generate", "  "], "prompt 0 is empty"),
     "text file renamed .gguf": (
         lambda t, v: ["run", "--model", _write(t, "fake.gguf", "hello"), "--out", str(t / "r")],
         "GGUF",
