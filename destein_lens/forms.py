@@ -15,6 +15,14 @@ w_h = 1 + probe accuracy, alpha the strength):
   With site "attn_out_slices" this is the faithful replication;
 - "additive", the paper's stated h + alpha * z with z = non-toxic - toxic: x_h' = x_h - alpha * w_h * v_h.
 Each is an offset built once per layer and an operator `(activation, offset) -> moved activation`.
+
+"destein-gated" is "destein" with the strength set per position by DeStein's own probes: at
+position t, head h moves with alpha * g_{t,h}, g = sigmoid((probe logit of x_h - GATE_THRESHOLD) /
+GATE_TEMPERATURE), the logit from head h's ranking probe (`DetoxVectors.probe_weight/bias`).
+The defaults, threshold 0 and temperature 1, make g the probe's own probability that the head's
+output is toxic: text the probes read as benign is barely moved. With g = 1 it is "destein", bit
+for bit. The probes were fitted on the mean of a text's last k tokens, so per-token logits are
+off their training distribution; the gate's defaults are a principled start, not a calibration.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ Hooks = list[tuple[str, HookFn]]
 BuildHooks = Callable[
     [TransformerBridge, DetoxVectors, "SteeringConfig", torch.Tensor, Sequence[str] | None], Hooks
 ]
+GATE_THRESHOLD = 0.0
+GATE_TEMPERATURE = 1.0
 _EPS = 1e-12  # a zero output (rare; e.g. a fully masked position) stays put instead of turning NaN
 
 
@@ -80,11 +90,14 @@ Offset = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 Move = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def head_form(name: str, summary: str, offset: Offset, move: Move, *, whole_layer: bool = False) -> Form:
+def head_form(
+    name: str, summary: str, offset: Offset, move: Move, *, whole_layer: bool = False, gated: bool = False
+) -> Form:
     """A form acting on the per-head outputs of the vectors' site, at the configured positions.
 
     `whole_layer`: the move touches every head of a steered layer (the released code's update),
-    not only the steered heads.
+    not only the steered heads. `gated`: the offset is scaled per position and head by the probe
+    gate (see the module docstring).
     """
 
     def build(
@@ -95,6 +108,10 @@ def head_form(name: str, summary: str, offset: Offset, move: Move, *, whole_laye
         prompts: Sequence[str] | None,
     ) -> Hooks:
         dtype, device = model.cfg.dtype, model.cfg.device
+        if gated and vectors.probe_weight is None:
+            raise DesteinError(
+                f"{name} needs the probes, which these vectors (an older file) lack: rebuild them"
+            )
         hooks = []
         for layer in range(vectors.shape[0]):
             if not mask[layer].any():
@@ -103,8 +120,16 @@ def head_form(name: str, summary: str, offset: Offset, move: Move, *, whole_laye
                 vectors.directions[layer], vectors.head_weights[layer], mask[layer], config.alpha
             )
             moved_heads = torch.ones_like(mask[layer]) if whole_layer else mask[layer]
+            layer_move = move
+            if gated:
+                probe = (vectors.probe_weight[layer], vectors.probe_bias[layer])
+                layer_move = _gated(move, *(t.to(device, dtype) for t in probe))
             hook = _head_hook(
-                move, layer_offset.to(device, dtype), moved_heads.to(device), vectors.site, config.positions
+                layer_move,
+                layer_offset.to(device, dtype),
+                moved_heads.to(device),
+                vectors.site,
+                config.positions,
             )
             hooks.append((hook_name(vectors.site, layer), hook))
         return hooks
@@ -129,6 +154,17 @@ def _head_hook(move: Move, offset: torch.Tensor, heads: torch.Tensor, site: str,
     return hook
 
 
+def _gated(move: Move, weight: torch.Tensor, bias: torch.Tensor) -> Move:
+    """`move` with the offset scaled by each head's probe gate at each position."""
+
+    def gated_move(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        logit = einops.einsum(x, weight, "b p h w, h w -> b p h") + bias
+        gate = torch.sigmoid((logit - GATE_THRESHOLD) / GATE_TEMPERATURE)
+        return move(x, gate.unsqueeze(-1) * offset)
+
+    return gated_move
+
+
 def _fuse(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """||x|| * normalize(x / ||x|| - offset) along the last axis: the released code's fusion."""
     norm = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
@@ -138,6 +174,10 @@ def _fuse(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
 def _scaled(weights: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * w_h on the steered heads, 0 elsewhere: [n_heads, 1]."""
     return (alpha * weights * mask).unsqueeze(-1)
+
+
+def _destein_offset(v: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    return _scaled(w, mask, alpha) * F.normalize(v, dim=-1)
 
 
 def _fuse_whole_layer(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -155,8 +195,17 @@ register(
     head_form(
         "destein",
         "head-wise fusion along each head's normalised direction, norm kept (the paper)",
-        lambda v, w, mask, alpha: _scaled(w, mask, alpha) * F.normalize(v, dim=-1),
+        _destein_offset,
         _fuse,
+    )
+)
+register(
+    head_form(
+        "destein-gated",
+        "destein with each head's strength at each position scaled by its probe's toxic probability",
+        _destein_offset,
+        _fuse,
+        gated=True,
     )
 )
 register(

@@ -48,6 +48,10 @@ class ProbeResult:
 
     accuracy: torch.Tensor  # [n_layers, n_heads], held-out pairs
     train_accuracy: torch.Tensor  # [n_layers, n_heads], train pairs
+    # The probes themselves, on raw activations (standardisation folded in), so they can be
+    # applied to a head's output anywhere: toxic logit = weight . x + bias.
+    weight: torch.Tensor  # [n_layers, n_heads, d_head]
+    bias: torch.Tensor  # [n_layers, n_heads]
     method: str
     train_frac: float
     n_train_pairs: int
@@ -103,20 +107,24 @@ def fit_probes(
     # the optimum, and it keeps float32 systems well conditioned. Unstandardised, the reference
     # fits raw features, as the released code does: lbfgs stops on a gradient tolerance, so
     # even centring would change which heads it gets right.
-    features = _features(acts.detach(), n_rows, centre=standardize or method == "torch", scale=standardize)
-    if method == "torch":
-        logits = _fit_torch(features, labels[:n_rows], l2)
-    else:
-        logits = _fit_sklearn(features, labels[:n_rows], l2, seed)
+    features, mean, scale = _features(
+        acts.detach(), n_rows, centre=standardize or method == "torch", scale=standardize
+    )
+    fit = _fit_torch if method == "torch" else lambda f, y, l2: _fit_sklearn(f, y, l2, seed)
+    logits, weight, bias = fit(features, labels[:n_rows], l2)
     if not torch.isfinite(logits).all():
         raise DesteinError("probe fit overflowed float32: activations this large need standardize=True")
 
     hits = einops.rearrange(
         ((logits > 0).float() == labels).float(), "(l h) rows -> l h rows", l=n_layers, h=n_heads
     )
+    raw_weight = weight / scale.squeeze(1)  # undo the standardisation: w . (x - mean) / scale
+    raw_bias = bias.squeeze(-1) - (raw_weight * mean.squeeze(1)).sum(-1)
     return ProbeResult(
         accuracy=hits[..., n_rows:].mean(dim=-1),
         train_accuracy=hits[..., :n_rows].mean(dim=-1),
+        weight=einops.rearrange(raw_weight, "(l h) d -> l h d", l=n_layers),
+        bias=einops.rearrange(raw_bias, "(l h) -> l h", l=n_layers),
         method=method,
         train_frac=train_frac,
         n_train_pairs=n_train,
@@ -135,8 +143,11 @@ def _check_acts(acts: torch.Tensor) -> None:
         raise DesteinError(f"probe activations are empty: shape {tuple(acts.shape)}")
 
 
-def _features(acts: torch.Tensor, n_rows: int, *, centre: bool, scale: bool) -> torch.Tensor:
+def _features(
+    acts: torch.Tensor, n_rows: int, *, centre: bool, scale: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head float32 features [L*H, 2*n_pairs, d_head]; rows are (pair, side), train first.
+    Also the mean subtracted and the scale divided by, [L*H, 1, d_head] each.
 
     centre / scale: to zero mean / unit variance on the first n_rows (train) rows, per head
     and feature, as sklearn's StandardScaler fitted on the train split. One fresh copy,
@@ -149,19 +160,19 @@ def _features(acts: torch.Tensor, n_rows: int, *, centre: bool, scale: bool) -> 
     if not torch.isfinite(features.sum()) and not torch.isfinite(features).all():
         raise DesteinError("probe activations contain NaN or inf")
     train = features[:, :n_rows]  # a view: it follows the in-place updates
-    if centre:
-        features.sub_(train.mean(dim=1, keepdim=True))
-    if scale:
-        std = train.square().mean(dim=1, keepdim=True).sqrt_()
-        features.div_(torch.where(std > 0, std, 1.0))  # constant feature: as StandardScaler
-    return features
+    mean = train.mean(dim=1, keepdim=True) if centre else features.new_zeros(features.shape[0], 1, d_head)
+    features.sub_(mean)
+    std = train.square().mean(dim=1, keepdim=True).sqrt_() if scale else torch.ones_like(mean)
+    std = torch.where(std > 0, std, 1.0)  # constant feature: as StandardScaler
+    features.div_(std)
+    return features, mean, std
 
 
-def _fit_torch(features: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
-    """Logits [B, rows] of every row, from all heads' probes fitted at once on the train rows
-    (the first len(y), with labels y); features are centred on the train rows."""
+def _fit_torch(features: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, ...]:
+    """Logits [B, rows] of every row, weights [B, d] and intercepts [B, 1], from all heads'
+    probes fitted at once on the train rows (the first len(y), labels y; centred features)."""
     weight, bias = _newton(features[:, : len(y)], y, l2)
-    return (features @ weight.unsqueeze(-1)).squeeze(-1) + bias
+    return (features @ weight.unsqueeze(-1)).squeeze(-1) + bias, weight, bias
 
 
 def _newton(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,15 +267,17 @@ def _kernel_solve(
     return solved, kernel @ solved
 
 
-def _fit_sklearn(features: torch.Tensor, y: torch.Tensor, l2: float, seed: int) -> torch.Tensor:
+def _fit_sklearn(features: torch.Tensor, y: torch.Tensor, l2: float, seed: int) -> tuple[torch.Tensor, ...]:
     """The released code's loop: one default-solver (lbfgs) LogisticRegression per head."""
     # imported here: only the reference path needs sklearn
     from sklearn.linear_model import LogisticRegression
 
-    logits = []
+    logits, weights, biases = [], [], []
     for head in features.numpy():
         clf = LogisticRegression(C=1.0 / l2, max_iter=1000, random_state=seed)
         clf.fit(head[: len(y)], y.numpy())
         # classes_ is [0, 1]: a positive decision means toxic, as in the torch path
         logits.append(torch.from_numpy(clf.decision_function(head)))
-    return torch.stack(logits)
+        weights.append(torch.from_numpy(clf.coef_[0]).float())
+        biases.append(torch.from_numpy(clf.intercept_).float())
+    return torch.stack(logits), torch.stack(weights), torch.stack(biases)

@@ -31,6 +31,9 @@ from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
 from .probes import fit_probes
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
+# The ranking probes themselves (files written before they were stored lack them; only the
+# probe-gated form needs them).
+_OPTIONAL_TENSORS = ("probe_weight", "probe_bias")
 PROBE_TEXTS = ("bare", "prefixed")  # which texts' probe accuracy ranks and weights the heads
 FORMAT_VERSION = 1
 
@@ -52,6 +55,9 @@ class DetoxVectors:
     pairs_source: str
     n_pairs: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The probes behind `probe_accuracy`, on raw activations: toxic logit = probe_weight . x + probe_bias
+    probe_weight: torch.Tensor | None = None  # [n_layers, n_heads, width]
+    probe_bias: torch.Tensor | None = None  # [n_layers, n_heads]
 
     @property
     def probe_accuracy(self) -> torch.Tensor:
@@ -96,7 +102,7 @@ class DetoxVectors:
     def save(self, path: str | Path) -> Path:
         """Write `<stem>.safetensors` and `<stem>.json`; returns the safetensors path."""
         tensors_path, meta_path = _paths(path)
-        tensors = {name: getattr(self, name).contiguous().float() for name in _TENSORS}
+        tensors = {name: getattr(self, name).contiguous().float() for name in self._tensor_names()}
         meta = {
             "format_version": FORMAT_VERSION,
             "site": self.site,
@@ -123,6 +129,7 @@ class DetoxVectors:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             vectors = cls(
                 **{name: tensors[name] for name in _TENSORS},
+                **{name: tensors[name] for name in _OPTIONAL_TENSORS if name in tensors},
                 site=meta["site"],
                 k=int(meta["k"]),
                 prefixes=tuple(meta["prefixes"]),
@@ -143,6 +150,9 @@ class DetoxVectors:
             vectors.check_compatible(model)
         return vectors
 
+    def _tensor_names(self) -> tuple[str, ...]:
+        return _TENSORS + tuple(n for n in _OPTIONAL_TENSORS if getattr(self, n) is not None)
+
     def _check_shapes(self) -> None:
         check_site(self.site)
         rec = self.model
@@ -158,7 +168,7 @@ class DetoxVectors:
             )
         if self.probe_texts not in PROBE_TEXTS:
             raise DesteinError(f"vector file has unknown probe_texts {self.probe_texts!r}")
-        for name in _TENSORS:
+        for name in self._tensor_names():
             if not getattr(self, name).is_floating_point():
                 raise DesteinError(
                     f"vector file: {name} must be a float tensor, not {getattr(self, name).dtype}"
@@ -167,6 +177,12 @@ class DetoxVectors:
             raise DesteinError(
                 f"vector file: directions must be [layers, heads, width], got {tuple(self.directions.shape)}"
             )
+        if self.probe_weight is not None and (
+            self.probe_weight.shape != self.directions.shape
+            or self.probe_bias is None
+            or self.probe_bias.shape != grid
+        ):
+            raise DesteinError("vector file: probe_weight / probe_bias do not match the directions' shape")
         if not torch.isfinite(self.directions).all():
             raise DesteinError("vector file holds non-finite directions")
         if not self.directions.any():
@@ -219,6 +235,8 @@ def build_vectors(
         directions=directions(prefixed),
         accuracy_bare=probes_bare.accuracy,
         accuracy_prefixed=probes_prefixed.accuracy,
+        probe_weight=(probes_bare if probe_texts == "bare" else probes_prefixed).weight,
+        probe_bias=(probes_bare if probe_texts == "bare" else probes_prefixed).bias,
         site=site,
         k=k,
         prefixes=tuple(prefixes),

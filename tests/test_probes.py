@@ -42,8 +42,8 @@ def planted_beat_noise(result: ProbeResult) -> bool:
 def torch_logits(acts: torch.Tensor, *, standardize: bool = True, l2: float = 1.0) -> torch.Tensor:
     """The torch solver's logits [L*H, rows] for every row, as `fit_probes` computes them."""
     n_train = train_pair_count(acts.shape[0], 0.8)
-    features = _features(acts, 2 * n_train, centre=True, scale=standardize)
-    return _fit_torch(features, torch.tensor([1.0, 0.0]).repeat(n_train), l2)
+    features, _, _ = _features(acts, 2 * n_train, centre=True, scale=standardize)
+    return _fit_torch(features, torch.tensor([1.0, 0.0]).repeat(n_train), l2)[0]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_torch_logits_match_sklearn_decision_function(
     if not standardize:
         acts = acts * 3 + 2  # raw scale and offset
     n_train = train_pair_count(n_pairs, 0.8)
-    features = _features(acts, 2 * n_train, centre=standardize, scale=standardize)
+    features, _, _ = _features(acts, 2 * n_train, centre=standardize, scale=standardize)
     y = torch.tensor([1.0, 0.0]).repeat(n_train)
     logits = torch_logits(acts, standardize=standardize, l2=l2)
 
@@ -219,3 +219,20 @@ def test_unstandardized_and_half_precision_inputs() -> None:
     upcast = fit_probes(acts.half().float(), standardize=False)
     assert torch.equal(fast.accuracy, upcast.accuracy)
     assert torch.equal(fast.train_accuracy, upcast.train_accuracy)
+
+
+@pytest.mark.parametrize("method", ["torch", "sklearn"])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_probes_apply_to_raw_activations(method: str, standardize: bool) -> None:
+    """weight . x + bias on the raw activations reproduces the fit's own accuracies (the
+    standardisation is folded in), so a probe can be applied to a head's output anywhere."""
+    acts = planted_acts(40, 16, shift=3.0)
+    result = fit_probes(acts, method=method, standardize=standardize)
+    assert result.weight.shape == (3, 4, 16) and result.bias.shape == (3, 4)
+    logits = torch.einsum("psLHd,LHd->psLH", acts, result.weight) + result.bias
+    labels = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    hits = ((logits > 0).float() == labels).float()
+    n_train, n_test = result.n_train_pairs, result.n_test_pairs
+    # the same logits up to float rounding: at most a text on the boundary may flip
+    assert (hits[n_train:].mean(dim=(0, 1)) - result.accuracy).abs().max() <= 1 / (2 * n_test) + 1e-6
+    assert (hits[:n_train].mean(dim=(0, 1)) - result.train_accuracy).abs().max() <= 1 / (2 * n_train) + 1e-6

@@ -76,6 +76,36 @@ def test_released_code_form_keeps_the_layer_norm(tiny_model, slice_vectors) -> N
     assert not torch.allclose(after, before)
 
 
+def test_gated_form_with_a_gate_of_one_is_destein(tiny_model, vectors, monkeypatch) -> None:
+    import destein_lens.forms as forms
+
+    destein = _z(tiny_model, vectors=vectors, alpha=0.5, heads=LAYER1)
+    monkeypatch.setattr(forms, "GATE_THRESHOLD", float("-inf"))  # sigmoid(+inf) = 1 exactly
+    gated = _z(tiny_model, vectors=vectors, alpha=0.5, heads=LAYER1, form="destein-gated")
+    assert torch.equal(gated, destein)
+
+
+def test_gated_form_matches_a_plain_reference(tiny_model, vectors) -> None:
+    """Per position and head: g = sigmoid(w . x + b), x' = |x| normalize(x/|x| - alpha (1 + acc) g v/|v|)."""
+    x = _z(tiny_model)  # layer 1 is the only one steered, so its input is the unsteered one
+    w, b = vectors.probe_weight[1], vectors.probe_bias[1]
+    gate = torch.sigmoid((x * w).sum(-1) + b)[..., None]
+    v = vectors.directions[1] / vectors.directions[1].norm(dim=-1, keepdim=True)
+    scale = (0.5 * (1 + vectors.probe_accuracy[1]))[:, None]
+    moved = x / x.norm(dim=-1, keepdim=True) - scale * gate * v
+    expected = x.norm(dim=-1, keepdim=True) * moved / moved.norm(dim=-1, keepdim=True)
+    got = _z(tiny_model, vectors=vectors, alpha=0.5, heads=LAYER1, form="destein-gated")
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, _z(tiny_model, vectors=vectors, alpha=0.5, heads=LAYER1), atol=1e-5)
+
+
+def test_gated_form_needs_the_probes(tiny_model, vectors) -> None:
+    old = DetoxVectors(**{**vectors.__dict__, "probe_weight": None, "probe_bias": None})
+    with pytest.raises(DesteinError, match="needs the probes"):
+        with steer(tiny_model, old, alpha=0.1, form="destein-gated"):
+            pass
+
+
 def test_head_selection(tiny_model, vectors) -> None:
     assert head_mask(vectors, "all").all()
     top = head_mask(vectors, 3)
@@ -206,3 +236,16 @@ def test_real_alpha_zero_and_cache_parity_under_steering(real_model) -> None:
         )
         assert not torch.allclose(real_model(tokens), plain)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.real
+def test_real_gate_moves_benign_text_less_than_destein(real_model) -> None:
+    v = build_vectors(real_model, builtin_seed_pairs().head(20), progress=False)
+    tokens = real_model.tokenizer(["Thank you so much for the lovely dinner last night"], return_tensors="pt")
+    plain = real_model(tokens.input_ids).log_softmax(-1)
+    moved = {}
+    for form in ("destein", "destein-gated"):
+        with steer(real_model, v, alpha=0.1, form=form):
+            steered = real_model(tokens.input_ids).log_softmax(-1)
+        moved[form] = (steered.exp() * (steered - plain)).sum(-1).mean().item()  # mean KL(steered || plain)
+    assert 0 < moved["destein-gated"] < moved["destein"]

@@ -35,7 +35,7 @@ def test_save_load_round_trip(tiny_model, tiny_vectors, tmp_path: Path) -> None:
     path = tiny_vectors.save(tmp_path / "vec")
     assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
     again = DetoxVectors.load(path, model=tiny_model)
-    for name in ("directions", "accuracy_bare", "accuracy_prefixed"):
+    for name in ("directions", "accuracy_bare", "accuracy_prefixed", "probe_weight", "probe_bias"):
         assert torch.equal(getattr(again, name), getattr(tiny_vectors, name))
     assert again.model == tiny_vectors.model and again.prefixes == tiny_vectors.prefixes
 
@@ -84,3 +84,11 @@ def test_real_probe_ranking_is_not_saturated(real_model) -> None:
     acts = pair_activations(real_model, pairs, prefixes=None)
     diff = (fit_probes(acts).accuracy - fit_probes(acts, method="sklearn").accuracy).abs().mean().item()
     assert diff <= 0.02
+
+
+def test_files_without_probes_still_load(tiny_vectors, tmp_path: Path) -> None:
+    """Vector files written before the probes were stored load; only the gated form needs them."""
+    old = DetoxVectors(**{**tiny_vectors.__dict__, "probe_weight": None, "probe_bias": None})
+    again = DetoxVectors.load(old.save(tmp_path / "old"))
+    assert again.probe_weight is None and again.probe_bias is None
+    assert torch.equal(again.directions, tiny_vectors.directions)
