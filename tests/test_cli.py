@@ -44,6 +44,22 @@ def _write(tmp: Path, name: str, text: str) -> str:
     return str(tmp / name)
 
 
+def _evaluate_variant(name: str, **changes) -> Case:
+    """`evaluate` given a copy of the good vector file with `changes` (see `_vector_variant`)."""
+    return lambda t, v: [
+        "evaluate",
+        "--vectors",
+        _vector_variant(t, v, name, **changes),
+        "--out",
+        str(t / "r"),
+    ]
+
+
+def _run_file(flag: str, name: str, content: str) -> Case:
+    """`run` given one input file, written from `content`."""
+    return lambda t, v: ["run", flag, _write(t, name, content), "--out", str(t / "r")]
+
+
 def _file(tmp: Path) -> str:
     return _write(tmp, "plain.txt", "not a folder\n")
 
@@ -83,33 +99,15 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
         "not a valid",
     ),
     "integer tensors": (
-        lambda t, v: [
-            "evaluate",
-            "--vectors",
-            _vector_variant(t, v, "int", tensors={"directions": torch.ones(2, 4, 16, dtype=torch.int64)}),
-            "--out",
-            str(t / "r"),
-        ],
+        _evaluate_variant("int", tensors={"directions": torch.ones(2, 4, 16, dtype=torch.int64)}),
         "float tensor",
     ),
     "all-zero directions": (
-        lambda t, v: [
-            "evaluate",
-            "--vectors",
-            _vector_variant(t, v, "zero", tensors={"directions": torch.zeros(2, 4, 16)}),
-            "--out",
-            str(t / "r"),
-        ],
+        _evaluate_variant("zero", tensors={"directions": torch.zeros(2, 4, 16)}),
         "all-zero",
     ),
     "probe accuracy of 100": (
-        lambda t, v: [
-            "evaluate",
-            "--vectors",
-            _vector_variant(t, v, "acc", tensors={"accuracy_bare": torch.full((2, 4), 100.0)}),
-            "--out",
-            str(t / "r"),
-        ],
+        _evaluate_variant("acc", tensors={"accuracy_bare": torch.full((2, 4), 100.0)}),
         "[0, 1]",
     ),
     "--out is a file": (lambda t, v: ["run", "--out", _file(t)], "is a file"),
@@ -137,65 +135,29 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
         "no.jsonl",
     ),
     "duplicate prompt ids": (
-        lambda t, v: [
-            "run",
-            "--prompts",
-            _write(t, "d.jsonl", '{"text": "a b", "id": "1"}\n{"text": "c d", "id": "1"}\n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--prompts", "d.jsonl", '{"text": "a b", "id": "1"}\n{"text": "c d", "id": "1"}\n'),
         "d.jsonl",
     ),
     "explicit id colliding with an automatic one": (
-        lambda t, v: [
-            "run",
-            "--prompts",
-            _write(t, "c.jsonl", '{"text": "a b"}\n{"text": "c d", "id": 0}\n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--prompts", "c.jsonl", '{"text": "a b"}\n{"text": "c d", "id": 0}\n'),
         "c.jsonl",
     ),
     "pairs with identical sides": (
-        lambda t, v: [
-            "run",
-            "--pairs",
-            _write(t, "same.jsonl", '{"toxic": "you fool", "nontoxic": "you fool"}\n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--pairs", "same.jsonl", '{"toxic": "you fool", "nontoxic": "you fool"}\n'),
         "identical",
     ),
     "unknown scorer": (lambda t, v: ["run", "--scorer", "nope", "--out", str(t / "r")], "nope"),
     "alpha nan": (lambda t, v: ["run", "--alpha", "nan", "--out", str(t / "r")], "finite"),
     "prompts file with a broken line": (
-        lambda t, v: [
-            "run",
-            "--prompts",
-            _write(t, "bad.jsonl", '{"prompt": {"text": "fine"}}\n{"prompt": \n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--prompts", "bad.jsonl", '{"prompt": {"text": "fine"}}\n{"prompt": \n'),
         "bad.jsonl:2",
     ),
     "prompts file with an empty prompt": (
-        lambda t, v: [
-            "run",
-            "--prompts",
-            _write(t, "empty.jsonl", '{"prompt": {"text": "  "}}\n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--prompts", "empty.jsonl", '{"prompt": {"text": "  "}}\n'),
         "empty.jsonl:1",
     ),
     "one-sided pair": (
-        lambda t, v: [
-            "run",
-            "--pairs",
-            _write(t, "pairs.jsonl", '{"toxic": "you idiot, get lost now", "nontoxic": ""}\n'),
-            "--out",
-            str(t / "r"),
-        ],
+        _run_file("--pairs", "pairs.jsonl", '{"toxic": "you idiot, get lost now", "nontoxic": ""}\n'),
         "empty",
     ),
     "samples 0": (lambda t, v: ["run", "--samples", "0", "--out", str(t / "r")], "samples"),
