@@ -106,6 +106,10 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
         _evaluate_variant("zero", tensors={"directions": torch.zeros(2, 4, 16)}),
         "all-zero",
     ),
+    "probes of another shape": (
+        _evaluate_variant("probe", tensors={"probe_weight": torch.ones(2, 4, 3)}),
+        "probe_weight",
+    ),
     "probe accuracy of 100": (
         _evaluate_variant("acc", tensors={"accuracy_bare": torch.full((2, 4), 100.0)}),
         "[0, 1]",
@@ -198,7 +202,11 @@ def _long_prompt(tmp: Path) -> str:
 
 
 def _narrow(tmp: Path, v: Path) -> str:
-    return _vector_variant(tmp, v, "narrow", tensors={"directions": torch.ones(2, 4, 3)})
+    narrow = {
+        "directions": torch.ones(2, 4, 3),
+        "probe_weight": torch.ones(2, 4, 3),
+    }  # consistent, but 3 wide
+    return _vector_variant(tmp, v, "narrow", tensors=narrow)
 
 
 AFTER_LOAD: dict[str, tuple[Case, str]] = {
