@@ -58,7 +58,6 @@ def as_heads(act: torch.Tensor, site: Site, n_heads: int) -> torch.Tensor:
     return einops.rearrange(act, "b p (h w) -> b p h w", h=n_heads)
 
 
-@torch.no_grad()
 def text_activations(
     model: TransformerBridge,
     texts: Sequence[str],
@@ -70,23 +69,44 @@ def text_activations(
 ) -> torch.Tensor:
     """Mean over each text's last `k` real tokens: [n_texts, n_layers, n_heads, width], float32."""
     check_site(site)
-    if k < 1:
+    names = [hook_name(site, layer) for layer in range(model.cfg.n_layers)]
+    acts = hook_activations(model, texts, names, k=k, batch_size=batch_size, progress=progress, desc=site)
+    return einops.rearrange(acts, "n l (h w) -> n l h w", h=model.cfg.n_heads)
+
+
+@torch.no_grad()
+def hook_activations(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    names: Sequence[str],
+    *,
+    k: int | None = 8,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "hooks",
+    stop_at_layer: int | None = None,
+) -> torch.Tensor:
+    """Each hook's activation pooled per text: [n_texts, len(names), width], float32.
+
+    `k`: the mean of the text's last k real tokens (DeStein's pooling); None: the mean of all
+    its real tokens (Linear-AcT's `pooling_op: mean`). Hooks must share one width.
+    `stop_at_layer`: run the blocks before it only (the hooks must lie there).
+    """
+    if k is not None and k < 1:
         raise DesteinError(f"k must be at least 1, got {k}")
     if len(texts) == 0:
         raise DesteinError("no texts to run")
     tokenizer = model.tokenizer
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    names = [hook_name(site, layer) for layer in range(n_layers)]
     wanted = set(names)
     out = []
     starts = range(0, len(texts), batch_size)
     for i in tqdm(
-        starts, desc=f"activations ({site})", unit="batch", disable=not progress or len(starts) < 2
+        starts, desc=f"activations ({desc})", unit="batch", disable=not progress or len(starts) < 2
     ):
         batch = list(texts[i : i + batch_size])
         enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left")
         lengths = enc.attention_mask.sum(-1)
-        short = (lengths < k).nonzero().flatten().tolist()
+        short = (lengths < (k or 1)).nonzero().flatten().tolist()
         if short:
             j = short[0]
             raise DesteinError(
@@ -97,10 +117,15 @@ def text_activations(
             enc.input_ids.to(device),
             attention_mask=enc.attention_mask.to(device),
             names_filter=lambda name: name in wanted,
+            stop_at_layer=stop_at_layer,
         )
-        # Left padding puts every text's last k tokens in the last k positions.
-        per_layer = [as_heads(cache[name], site, n_heads)[:, -k:].float().mean(1) for name in names]
-        out.append(torch.stack(per_layer, dim=1).cpu())
+        flat = [einops.rearrange(cache[n], "b p ... -> b p (...)").float() for n in names]
+        if k is None:  # mean over the real tokens, wherever the padding is
+            weights = (enc.attention_mask / lengths[:, None]).to(device)
+            pooled = [einops.einsum(x, weights, "b p w, b p -> b w") for x in flat]
+        else:  # left padding puts every text's last k tokens in the last k positions
+            pooled = [x[:, -k:].mean(1) for x in flat]
+        out.append(torch.stack(pooled, dim=1).cpu())
         del cache
     return torch.cat(out)
 

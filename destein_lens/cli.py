@@ -97,16 +97,19 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from .files import check_out_dir
     from .prompts import load_prompts
     from .scoring import get_scorer
+    from .forms import get_form
     from .steering import SteeringConfig, parse_heads
 
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
+    alpha = get_form(args.form).default_strength if args.alpha is None else args.alpha
     steering = SteeringConfig(
-        alpha=args.alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
+        alpha=alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
     )
     check_out_dir(args.out)
+    # The steered method is named by its form ("destein" for the default, as run folders always had).
     return {
         "prompts": load_prompts(args.prompts, max_prompts=args.max_prompts),
-        "methods": [BASELINE, MethodSpec("destein", steering)],
+        "methods": [BASELINE, MethodSpec(args.form, steering)],
         "config": config,
         "scorer": get_scorer(args.scorer),
     }
@@ -148,11 +151,8 @@ def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from . import runfolder
-    from .evaluation import vectors_id
-    from .vectors import DetoxVectors, build_vectors
 
     inputs = _eval_inputs(args)
     vector_inputs = _vector_inputs(args)
@@ -171,18 +171,108 @@ def _cmd_run(args: argparse.Namespace) -> None:
         )
         model = _load(args)
         _prepare(model, inputs)
-        vectors_path = Path(out) / "vectors.safetensors"
-        if vectors_path.exists():  # resuming: the run's own vectors, checked against the model
-            vectors = DetoxVectors.load(vectors_path, model=model)
-            found = {key: vectors_id(vectors)[key] for key in settings}
-            if found != settings:
-                raise DesteinError(
-                    f"{vectors_path} was built with other settings ({found}); use another --out folder"
-                )
-        else:
-            vectors = build_vectors(model, **vector_inputs)
-            vectors.save(vectors_path)
+        vectors = _folder_vectors(out, model, vector_inputs, settings, _fits_for(args.form))
         _evaluate(args, model, vectors, inputs, provenance)
+
+
+def _fits_for(form: str) -> list[str]:
+    """The statistics a form needs fitted from the pairs besides DeStein's ([] for DeStein's own)."""
+    from .forms import get_form
+
+    return [form] if get_form(form).fit is not None else []
+
+
+def _folder_vectors(out, model, vector_inputs: dict[str, Any], settings: dict[str, Any], fit_forms=()):
+    """The run folder's own vectors: built and saved once, checked against the model on a resume."""
+    from pathlib import Path
+
+    from .evaluation import vectors_id
+    from .vectors import DetoxVectors, build_vectors
+
+    vectors_path = Path(out) / "vectors.safetensors"
+    if not vectors_path.exists():
+        vectors = build_vectors(model, **vector_inputs, fit_forms=fit_forms)
+        vectors.save(vectors_path)
+        return vectors
+    vectors = DetoxVectors.load(vectors_path, model=model)
+    found = {key: vectors_id(vectors)[key] for key in settings}
+    if found != settings:
+        raise DesteinError(
+            f"{vectors_path} was built with other settings ({found}); use another --out folder"
+        )
+    for form in fit_forms:
+        vectors.fit(form)
+    return vectors
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from . import runfolder
+    from .compare import check_calibration, compare, parse_methods, parse_strengths
+    from .evaluation import BASELINE, eval_config, prompts_sha
+    from .figures import compare_figures
+    from .files import check_out_dir
+    from .forms import get_form
+    from .models import DEFAULT_MODEL
+    from .prompts import load_prompts
+    from .report import text_table, write_report
+    from .scoring import get_scorer
+
+    methods = parse_methods(args.methods)
+    strengths = parse_strengths(args.strengths, methods)
+    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
+    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)
+    calibration = (
+        None
+        if args.calibration_prompts is None
+        else load_prompts(args.calibration_prompts, max_prompts=args.max_calibration_prompts)
+    )
+    check_calibration(prompts, calibration, args.ppl_budget)
+    scorer = get_scorer(args.scorer)
+    vector_inputs = _vector_inputs(args)
+    pairs = vector_inputs["pairs"]
+    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
+    settings = {
+        "site": args.site,
+        "k": args.k,
+        "pairs_sha256": pairs.sha256(),
+        "probe_texts": args.probe_texts,
+    }
+    fit_forms = [m for m in methods if m != "baseline" and get_form(m).fit is not None]
+    check_out_dir(args.out)
+    _check_model_args(args)
+    with runfolder.hold(args.out) as out:
+        known = {
+            "eval": config.to_dict(),
+            "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
+            "model": {"name": args.model or DEFAULT_MODEL},
+            **provenance,
+        }
+        runfolder.check_same_run(out, known, partial=True)
+        model = _load(args)
+        _prepare(model, {"methods": [BASELINE], "prompts": prompts, "config": config})
+        if calibration is not None:
+            _prepare(model, {"methods": [BASELINE], "prompts": calibration, "config": config})
+        vectors = _folder_vectors(out, model, vector_inputs, settings, fit_forms)
+        metrics = compare(
+            model,
+            vectors,
+            prompts,
+            methods,
+            out,
+            config,
+            strengths=strengths,
+            ppl_budget=args.ppl_budget,
+            calibration=calibration,
+            scorer=scorer,
+            provenance=provenance,
+        )
+        write_report(out)
+        compare_figures(out)
+    print(text_table(metrics))
+    for name, choice in metrics["compare"]["chosen"].items():
+        flag = "" if choice["within_budget"] else f" (no strength within {args.ppl_budget:g}x; the weakest)"
+        print(f"calibrated {name}: strength {choice['strength']:g}{flag}")
+    print(f"compare folder: {args.out} (metrics.json, report.md, pareto.html, prompted_gens_*.jsonl)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -192,6 +282,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     inputs = _eval_inputs(args)
     vectors = DetoxVectors.load(args.vectors)  # the file itself, before any model work
+    for form in _fits_for(args.form):
+        vectors.fit(form)
     provenance = {"vectors_file": str(args.vectors)}
     _check_model_args(args)
     with runfolder.hold(args.out) as out:
@@ -205,8 +297,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_figures(args: argparse.Namespace) -> None:
-    from .figures import check_figures_inputs, make_figures
+    from .figures import check_figures_inputs, compare_figures, make_figures
     from .steering import SteeringConfig
+
+    if args.compare is not None:
+        from .files import check_out_dir
+
+        check_out_dir(args.out)
+        paths = compare_figures(args.compare, args.out)
+        print(f"wrote {len(paths)} files to {args.out} (the Pareto figure of {args.compare})")
+        return
 
     SteeringConfig(alpha=args.alpha)
     sweep_rows = check_figures_inputs(args.out, args.sweep)
@@ -239,15 +339,17 @@ def _add_vector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-texts", default=PROBE_TEXTS[0], choices=PROBE_TEXTS)
 
 
-def _add_strength_option(p: argparse.ArgumentParser) -> None:
+def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> None:
     from .steering import DEFAULT_STRENGTH, MAX_STRENGTH
 
     p.add_argument(
         "--alpha",
         type=float,
-        default=DEFAULT_STRENGTH,
-        help=f"steering strength in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (default {DEFAULT_STRENGTH:g}); "
-        "0 steers nothing, negative toxifies; past 1 the direction replaces the head output",
+        default=None if per_form else DEFAULT_STRENGTH,
+        help=f"steering strength; DeStein forms: in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (default "
+        f"{DEFAULT_STRENGTH:g}), 0 steers nothing, negative toxifies, past 1 the direction replaces the "
+        "head output"
+        + ("; other forms: their own range and default (`compare` lists them)" if per_form else ""),
     )
 
 
@@ -260,7 +362,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--scorer", default="profanity-check")
-    _add_strength_option(p)
+    _add_strength_option(p, per_form=True)
     p.add_argument("--heads", default="all", help="all, top-k as a number, or L.H,L.H,...")
     p.add_argument("--positions", default=POSITIONS[0], choices=POSITIONS)
     p.add_argument(
@@ -311,6 +413,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser(
+        "compare", help="DeStein vs the training-free baselines: (method, strength) cells on the same draws"
+    )
+    _add_model_options(p)
+    _add_vector_options(p)
+    from .compare import COMPARED
+
+    p.add_argument(
+        "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
+    )
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument(
+        "--methods", default=",".join(COMPARED), help=f"comma-separated, of: {', '.join(COMPARED)}"
+    )
+    p.add_argument(
+        "--strengths",
+        nargs="+",
+        default=[],
+        metavar="METHOD=S1,S2",
+        help="strengths per method (default: each method's calibrated default; its grid with --ppl-budget)",
+    )
+    p.add_argument("--ppl-budget", type=float, default=None, help="calibrate: the perplexity ratio allowed")
+    p.add_argument("--calibration-prompts", default=None, help="prompts to calibrate on (never --prompts)")
+    p.add_argument("--max-calibration-prompts", type=int, default=None)
+    p.add_argument("--scorer", default="profanity-check")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare", help="compare folder (resumable)")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("evaluate", help="evaluate saved vectors on a prompt file")
     _add_model_options(p)
     p.add_argument("--vectors", required=True, help="a .safetensors vector file (with its .json)")
@@ -323,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, help="a benchmark sweep.json (default: run a small sweep)")
     _add_strength_option(p)
     p.add_argument("--quick", action="store_true", help="fewer pairs, prompts and samples")
+    p.add_argument("--compare", default=None, help="a compare folder: draw its Pareto figure only (no model)")
     p.set_defaults(func=_cmd_figures)
     return parser
 

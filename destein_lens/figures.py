@@ -205,6 +205,31 @@ def make_figures(
     return save.paths
 
 
+def compare_figures(
+    folder: str | Path, out_dir: str | Path | None = None, formats: Sequence[str] = ("html", "png")
+) -> list[Path]:
+    """The Pareto figure(s) of a compare folder into `out_dir` (default: the folder itself).
+
+    `pareto`: the evaluated cells, calibrated strengths starred, the budget dashed;
+    `pareto_calibration` (calibrated runs): every strength tried on the calibration prompts.
+    No model is needed: everything comes from the folder's metrics.json files.
+    """
+    from .compare import load_compare
+
+    metrics = load_compare(folder)
+    settings = metrics["compare"]
+    chosen = [c["cell"] for c in settings["chosen"].values()]
+    save = _Saver(Path(out_dir or folder), formats)
+    save("pareto", views.pareto_figure(metrics, chosen=chosen, budget=settings["ppl_budget"]))
+    if "calibration" in metrics:
+        title = "Calibration: every strength tried, on the calibration prompts"
+        fig = views.pareto_figure(
+            metrics["calibration"], chosen=chosen, budget=settings["ppl_budget"], title=title
+        )
+        save("pareto_calibration", fig)
+    return save.paths
+
+
 def _readme(command: str, facts: Sequence[str], formats: Sequence[str]) -> str:
     """What each figure shows, the exact command that rebuilt them, and the settings behind them."""
     static = "".join(f" and `<name>.{fmt}`" for fmt in formats if fmt != "html")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import einops
 import torch
@@ -39,30 +39,74 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .activations import as_heads, hook_name
 from .errors import DesteinError
+from .pairs import SteeringPairs
 from .positions import prompt_mask
-from .vectors import DetoxVectors
 
 if TYPE_CHECKING:
     from .steering import SteeringConfig
+    from .vectors import DetoxVectors
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor]
 Hooks = list[tuple[str, HookFn]]
 # (model, vectors, config, heads mask [n_layers, n_heads], the batch's prompts or None) -> hooks
 BuildHooks = Callable[
-    [TransformerBridge, DetoxVectors, "SteeringConfig", torch.Tensor, Sequence[str] | None], Hooks
+    [TransformerBridge, "DetoxVectors", "SteeringConfig", torch.Tensor, Sequence[str] | None], Hooks
 ]
 GATE_THRESHOLD = 0.0
 GATE_TEMPERATURE = 1.0
+# The DeStein forms' default strength (CLI, figures, attribution, notebooks, README). On
+# gemma-3-270m the benchmark sweep puts the useful all-heads range at 0.05-0.15 (perplexity
+# x1.3 at 0.1, x3.7 at 0.15); by 0.4 the text degenerates.
+DEFAULT_STRENGTH = 0.1
+# |alpha| beyond this is refused for the DeStein forms. In the fusion forms alpha * w_h (w_h <= 2)
+# past 1 lets the direction outweigh the unit activation itself: the head output is replaced, the
+# text degenerates ("menuItem menuItem ...") and a toxicity classifier reads it as clean. Negative
+# strengths (toxifying) are a legitimate research use and allowed. Other forms set their own.
+MAX_STRENGTH = 1.0
 _EPS = 1e-12  # a zero output (rare; e.g. a fully masked position) stays put instead of turning NaN
 
 
 @dataclass(frozen=True)
+class FitInputs:
+    """What a form may fit its statistics from, at `build_vectors` time (no weight training)."""
+
+    model: TransformerBridge
+    pairs: SteeringPairs
+    bare: torch.Tensor  # [n_pairs, 2, n_layers, n_heads, width]: the bare pair texts at the vectors' site
+    site: str
+    k: int
+    batch_size: int
+    progress: bool
+
+
+# FitInputs -> named tensors, stored in `DetoxVectors.fits` as "<form>.<name>"
+Fit = Callable[[FitInputs], dict[str, torch.Tensor]]
+
+
+def _all_heads(n_layers: int, n_heads: int) -> str | int:
+    return "all"
+
+
+@dataclass(frozen=True)
 class Form:
-    """One registry entry: a name, what it does in one line, and how it builds its hooks."""
+    """One registry entry: a name, what it does in one line, and how it builds its hooks.
+
+    A form has one strength knob: `default_strength` (what `compare` uses without --strengths),
+    the largest magnitude it accepts, and `grid`, the strengths a calibration tries. `head_wise`
+    forms honour `SteeringConfig.heads`; the others act on their own sites and take heads="all".
+    `fit`, when set, computes the form's statistics from the steering pairs (`build_vectors`
+    stores them); `default_heads(n_layers, n_heads)` is the head selection `compare` uses.
+    """
 
     name: str
     summary: str
     build: BuildHooks
+    default_strength: float = DEFAULT_STRENGTH
+    max_strength: float = MAX_STRENGTH
+    grid: tuple[float, ...] = (0.05, 0.1, 0.15)
+    head_wise: bool = True
+    fit: Fit | None = None
+    default_heads: Callable[[int, int], str | int] = _all_heads
 
 
 FORMS: dict[str, Form] = {}
@@ -91,7 +135,14 @@ Move = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def head_form(
-    name: str, summary: str, offset: Offset, move: Move, *, whole_layer: bool = False, gated: bool = False
+    name: str,
+    summary: str,
+    offset: Offset,
+    move: Move,
+    *,
+    whole_layer: bool = False,
+    gated: bool = False,
+    **entry: Any,
 ) -> Form:
     """A form acting on the per-head outputs of the vectors' site, at the configured positions.
 
@@ -124,7 +175,7 @@ def head_form(
             if gated:
                 probe = (vectors.probe_weight[layer], vectors.probe_bias[layer])
                 layer_move = _gated(move, *(t.to(device, dtype) for t in probe))
-            hook = _head_hook(
+            hook = head_hook(
                 layer_move,
                 layer_offset.to(device, dtype),
                 moved_heads.to(device),
@@ -134,24 +185,28 @@ def head_form(
             hooks.append((hook_name(vectors.site, layer), hook))
         return hooks
 
-    return Form(name, summary, build)
+    return Form(name, summary, build, **entry)
 
 
-def _head_hook(move: Move, offset: torch.Tensor, heads: torch.Tensor, site: str, positions: str) -> HookFn:
+def head_hook(move: Move, offset: torch.Tensor, heads: torch.Tensor, site: str, positions: str) -> HookFn:
     """Apply `move` to the selected heads at the selected positions; leave the rest bit for bit."""
     n_heads = heads.shape[0]
 
     def hook(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         x = as_heads(act, site, n_heads)  # [batch, pos, n_heads, width]
-        keep = heads.view(1, 1, -1, 1)
-        if positions != "all":
-            in_prompt = prompt_mask(x.shape[1], x.device)
-            selected = in_prompt if positions == "prompt" else ~in_prompt
-            keep = keep & selected.view(1, -1, 1, 1)
+        keep = heads.view(1, 1, -1, 1) & selected_positions(x.shape[1], positions, x.device).view(1, -1, 1, 1)
         out = torch.where(keep, move(x, offset), x)
         return out if site == "heads" else einops.rearrange(out, "b p h w -> b p (h w)")
 
     return hook
+
+
+def selected_positions(seq_len: int, positions: str, device: torch.device) -> torch.Tensor:
+    """Bool [seq_len]: which positions of the forward in flight `positions` selects."""
+    if positions == "all":
+        return torch.ones(seq_len, dtype=torch.bool, device=device)
+    in_prompt = prompt_mask(seq_len, device)
+    return in_prompt if positions == "prompt" else ~in_prompt
 
 
 def _gated(move: Move, weight: torch.Tensor, bias: torch.Tensor) -> Move:
@@ -197,6 +252,7 @@ register(
         "head-wise fusion along each head's normalised direction, norm kept (the paper)",
         _destein_offset,
         _fuse,
+        grid=(0.05, 0.075, 0.1),
     )
 )
 register(
@@ -206,6 +262,7 @@ register(
         _destein_offset,
         _fuse,
         gated=True,
+        grid=(0.1, 0.2, 0.3),
     )
 )
 register(
@@ -215,6 +272,7 @@ register(
         _released_code_offset,
         _fuse_whole_layer,
         whole_layer=True,
+        grid=(0.05, 0.075, 0.1),
     )
 )
 register(
@@ -225,3 +283,5 @@ register(
         lambda x, offset: x - offset,
     )
 )
+
+from . import baselines as _baselines  # noqa: E402, F401  (the comparison methods register themselves)

@@ -14,9 +14,11 @@ from .runfolder import METRICS_FILE, gens_path
 
 COLUMNS = (
     ("expected_max_toxicity", "EMT"),
-    ("expected_max_toxicity_std", "EMT std"),
+    ("expected_max_toxicity_ci", "EMT 95% CI"),
     ("toxicity_probability", "TP"),
+    ("toxicity_probability_ci", "TP 95% CI"),
     ("perplexity", "PPL"),
+    ("ppl_ratio", "PPL x"),
     ("dist_1", "dist-1"),
     ("dist_2", "dist-2"),
     ("dist_3", "dist-3"),
@@ -36,7 +38,13 @@ def table_rows(metrics: dict[str, Any], split: str | None = None) -> list[list[s
         m = metrics[method] if split is None else metrics[method].get(split)
         if m is None:
             continue
-        rows.append([method] + [_fmt(m[key]) for key, _ in COLUMNS])
+        base = (
+            (metrics["baseline"] if split is None else metrics["baseline"].get(split, {}))
+            if "baseline" in metrics
+            else {}
+        )
+        ratio = {"ppl_ratio": m["perplexity"] / base["perplexity"] if "perplexity" in base else float("nan")}
+        rows.append([method] + [_fmt({**m, **ratio}.get(key, float("nan"))) for key, _ in COLUMNS])
     return rows
 
 
@@ -101,6 +109,8 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
 
 
 def _fmt(x: Any) -> str:
+    if isinstance(x, list):  # an interval
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
     if isinstance(x, int):
         return str(x)
     if isinstance(x, float) and math.isnan(x):

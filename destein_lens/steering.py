@@ -25,21 +25,12 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import DesteinError
-from .forms import FORMS, Hooks, get_form
+from .forms import DEFAULT_STRENGTH, FORMS, MAX_STRENGTH, Hooks, get_form  # noqa: F401 (re-exported)
 from .vectors import DetoxVectors
 
 Positions = Literal["all", "prompt", "generated"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
 Heads = str | int | Sequence[tuple[int, int]]
-# The one default steering strength (CLI, figures, attribution, notebooks, README). On
-# gemma-3-270m the benchmark sweep puts the useful all-heads range at 0.05-0.15 (perplexity
-# x1.3 at 0.1, x3.7 at 0.15); by 0.4 the text degenerates.
-DEFAULT_STRENGTH = 0.1
-# |alpha| beyond this is refused. In the fusion forms alpha * w_h (w_h <= 2) past 1 lets the
-# direction outweigh the unit activation itself: the head output is replaced, the text
-# degenerates ("menuItem menuItem ...") and a toxicity classifier reads it as clean. Negative
-# strengths (toxifying) are a legitimate research use and allowed.
-MAX_STRENGTH = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,16 +46,19 @@ class SteeringConfig:
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise DesteinError(f"alpha must be a finite number, got {alpha!r}")
-        if abs(alpha) > MAX_STRENGTH:
+        form = get_form(self.form)
+        limit = form.max_strength
+        if abs(alpha) > limit:
             raise DesteinError(
-                f"alpha must be within [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (negative toxifies), got "
-                f"{alpha:g}: beyond it the direction replaces the head output and text degenerates"
+                f"{form.name} strength must be within [-{limit:g}, {limit:g}] (negative toxifies), "
+                f"got {alpha:g}"
             )
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "heads", _normalise_heads(self.heads))
+        if not form.head_wise and self.heads != "all":
+            raise DesteinError(f"{form.name} does not act on heads: it takes heads='all'")
         if self.positions not in POSITIONS:
             raise DesteinError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        get_form(self.form)
 
     @property
     def steered(self) -> bool:

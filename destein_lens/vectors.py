@@ -14,6 +14,7 @@ the file against the model it will steer.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
 from .probes import fit_probes
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
+_FITS = "fits."  # key prefix of the comparison methods' statistics in the safetensors file
 # The ranking probes themselves (files written before they were stored lack them; only the
 # probe-gated form needs them).
 _OPTIONAL_TENSORS = ("probe_weight", "probe_bias")
@@ -58,6 +60,8 @@ class DetoxVectors:
     # The probes behind `probe_accuracy`, on raw activations: toxic logit = probe_weight . x + probe_bias
     probe_weight: torch.Tensor | None = None  # [n_layers, n_heads, width]
     probe_bias: torch.Tensor | None = None  # [n_layers, n_heads]
+    # Statistics the comparison methods fitted from the same pairs, "<form>.<name>" -> tensor
+    fits: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def probe_accuracy(self) -> torch.Tensor:
@@ -86,6 +90,17 @@ class DetoxVectors:
         order = sorted(range(len(acc)), key=lambda i: (-acc[i], -norm[i], i))
         return [divmod(i, n_heads) for i in order]
 
+    def fit(self, form: str) -> dict[str, torch.Tensor]:
+        """The statistics `form` fitted from the pairs (`build_vectors(fit_forms=...)`)."""
+        prefix = f"{form}."
+        found = {name[len(prefix) :]: t for name, t in self.fits.items() if name.startswith(prefix)}
+        if not found:
+            raise DesteinError(
+                f"these vectors hold no {form} fit: build them with fit_forms=({form!r},) "
+                f"(CLI: compare builds every method's fit)"
+            )
+        return found
+
     def check_compatible(self, model: TransformerBridge) -> None:
         """Refuse to steer a model these vectors were not built on (other weights, shape or mode)."""
         theirs = load_record(model)
@@ -103,6 +118,7 @@ class DetoxVectors:
         """Write `<stem>.safetensors` and `<stem>.json`; returns the safetensors path."""
         tensors_path, meta_path = _paths(path)
         tensors = {name: getattr(self, name).contiguous().float() for name in self._tensor_names()}
+        tensors.update({f"{_FITS}{name}": t.contiguous().float() for name, t in self.fits.items()})
         meta = {
             "format_version": FORMAT_VERSION,
             "site": self.site,
@@ -130,6 +146,7 @@ class DetoxVectors:
             vectors = cls(
                 **{name: tensors[name] for name in _TENSORS},
                 **{name: tensors[name] for name in _OPTIONAL_TENSORS if name in tensors},
+                fits={n[len(_FITS) :]: t for n, t in tensors.items() if n.startswith(_FITS)},
                 site=meta["site"],
                 k=int(meta["k"]),
                 prefixes=tuple(meta["prefixes"]),
@@ -185,6 +202,9 @@ class DetoxVectors:
             raise DesteinError("vector file: probe_weight / probe_bias do not match the directions' shape")
         if not torch.isfinite(self.directions).all():
             raise DesteinError("vector file holds non-finite directions")
+        for name, t in self.fits.items():
+            if not (t.is_floating_point() and torch.isfinite(t).all()):
+                raise DesteinError(f"vector file: fit {name} must be a finite float tensor")
         if not self.directions.any():
             raise DesteinError("vector file holds all-zero directions: steering with it would do nothing")
         for name in ("accuracy_bare", "accuracy_prefixed"):
@@ -221,9 +241,17 @@ def build_vectors(
     probe_method: str = "torch",
     train_frac: float = 0.8,
     batch_size: int = 16,
+    fit_forms: Sequence[str] = (),
     progress: bool = True,
 ) -> DetoxVectors:
-    """Directions from the prefixed pairs; probes on the bare (default) and the prefixed texts."""
+    """Directions from the prefixed pairs; probes on the bare (default) and the prefixed texts.
+
+    `fit_forms`: steering forms whose statistics to fit from the same pairs as well (the
+    comparison methods: ActAdd's residual directions, ITI's spreads, Linear-AcT's maps).
+    """
+    from .forms import FitInputs, get_form
+
+    forms = [get_form(name) for name in fit_forms]
     if probe_texts not in PROBE_TEXTS:
         raise DesteinError(f"probe_texts must be 'bare' or 'prefixed', got {probe_texts!r}")
     opts = {"site": site, "k": k, "batch_size": batch_size, "progress": progress}
@@ -231,6 +259,13 @@ def build_vectors(
     bare = pair_activations(model, pairs, prefixes=None, **opts)
     probes_bare = fit_probes(bare, method=probe_method, train_frac=train_frac)
     probes_prefixed = fit_probes(prefixed, method=probe_method, train_frac=train_frac)
+    inputs = FitInputs(model, pairs, bare, site, k, batch_size, progress)
+    fits = {
+        f"{form.name}.{name}": t.float()
+        for form in forms
+        if form.fit is not None
+        for name, t in form.fit(inputs).items()
+    }
     return DetoxVectors(
         directions=directions(prefixed),
         accuracy_bare=probes_bare.accuracy,
@@ -247,6 +282,7 @@ def build_vectors(
         pairs_source=pairs.source,
         n_pairs=len(pairs),
         extra={"train_frac": train_frac},
+        fits=fits,
     )
 
 

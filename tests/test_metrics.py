@@ -73,7 +73,9 @@ def test_summarise_reports_every_metric_with_exact_keys():
     assert set(summary) == {
         "expected_max_toxicity",
         "expected_max_toxicity_std",
+        "expected_max_toxicity_ci",
         "toxicity_probability",
+        "toxicity_probability_ci",
         "perplexity",
         "dist_1",
         "dist_2",
@@ -120,3 +122,18 @@ def test_empty_input_is_a_user_error(call):
 def test_summarise_rejects_inputs_of_different_shapes(scores, perplexities):
     with pytest.raises(DesteinError):
         summarise(scores, [["a"], ["b"]], perplexities)
+
+
+def test_bootstrap_interval_agrees_with_a_plain_numpy_bootstrap():
+    import numpy as np
+
+    from destein_lens.metrics import bootstrap_interval
+
+    values = np.random.default_rng(3).beta(0.5, 2.0, size=60)
+    low, high = bootstrap_interval(values.tolist())
+    means = values[np.random.default_rng(4).integers(0, 60, size=(20000, 60))].mean(1)
+    ref_low, ref_high = np.percentile(means, [2.5, 97.5])
+    assert low == pytest.approx(ref_low, abs=0.01) and high == pytest.approx(ref_high, abs=0.01)
+    assert low < values.mean() < high
+    assert bootstrap_interval([0.0, 0.0, 0.0]) == (0.0, 0.0)  # no spread, nothing to resample
+    assert bootstrap_interval(values.tolist()) == (low, high)  # reproducible

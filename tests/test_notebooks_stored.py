@@ -8,9 +8,9 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist() -> None:
+def test_the_notebooks_exist() -> None:
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_quickstart", "02_activation_geometry", "03_head_attribution"]
+    assert names == ["01_quickstart", "02_activation_geometry", "03_head_attribution", "04_compare"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -6,10 +6,12 @@ attribution figure, which reads a `HeadAttribution` and its vectors, is the one 
 figures share one template and always carry a title, axis titles and a named colour scale.
 
 One module per subject: `heads` (layer x head grids), `geometry` (activation projections),
-`sweep` (strength sweeps), `tables` (generations); `export` writes any of them to disk.
+`sweep` (strength sweeps), `compare` (the methods' Pareto view), `tables` (generations);
+`export` writes any of them to disk.
 """
 
 from ._style import COLORS, TEMPLATE
+from .compare import pareto_figure, pareto_points
 from .export import STATIC_FORMATS, StaticExportError, save_figure
 from .geometry import activation_geometry, top_heads_geometry
 from .heads import attribution_figure, head_grid, probe_heatmap
@@ -28,6 +30,8 @@ __all__ = [
     "alpha_sweep",
     "attribution_figure",
     "generation_table",
+    "pareto_figure",
+    "pareto_points",
     "head_grid",
     "probe_heatmap",
     "save_figure",

@@ -1,0 +1,196 @@
+"""Compare: DeStein against the field's training-free methods, on the same prompts, seeds and scorer.
+
+A comparison is one run folder (`evaluation.evaluate`) whose methods are cells, one per (method,
+strength), named "<method>@<strength>", plus the unsteered "baseline". Every cell draws the
+same random numbers per (prompt, sample), so differences between cells are the methods'. The
+folder resumes like any run folder: a finished cell or prompt is never redone.
+
+With a perplexity budget, each method's strength is calibrated first, on other prompts: every
+strength of its grid runs on the calibration prompts (the folder's `calibration/` run folder),
+and the chosen one is the strongest detoxification (lowest EMT, then TP, then the weaker
+strength) whose mean perplexity stays within `budget` x the unsteered model's on those same
+prompts. Only the chosen cells then run on the evaluation prompts. A method with no strength
+within budget is evaluated at its weakest and flagged.
+
+The defaults (`forms.Form.default_strength`) were calibrated this way on
+`../shared/data/rtp/test_100.jsonl` (4 samples per prompt, profanity-check, gemma-3-270m) at a
+1.2x budget: see benchmarks/README.md for the command and the table it chose from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformer_lens.model_bridge import TransformerBridge
+
+from . import runfolder
+from .errors import DesteinError
+from .evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
+from .files import write_atomic
+from .forms import FORMS, get_form
+from .prompts import Prompt
+from .runfolder import METRICS_FILE
+from .scoring import Scorer
+from .steering import SteeringConfig
+from .vectors import DetoxVectors
+
+CALIBRATION_DIR = "calibration"
+COMPARED = ("baseline", *FORMS)
+
+
+def parse_methods(text: str) -> list[str]:
+    """ "baseline,destein,iti" -> the method names, checked against the form registry."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise DesteinError("--methods names no method")
+    for name in names:
+        if name not in COMPARED:
+            raise DesteinError(f"unknown method {name!r}; choose from {', '.join(COMPARED)}")
+    if len(set(names)) != len(names):
+        raise DesteinError(f"--methods names a method twice: {text!r}")
+    return names
+
+
+def parse_strengths(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """["destein=0.05,0.1", "iti=5"] -> {"destein": (0.05, 0.1), "iti": (5.0,)}, each checked."""
+    grids: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise DesteinError(f"--strengths takes method=s1,s2,...; got {item!r}")
+        if name not in methods or name == "baseline":
+            raise DesteinError(f"--strengths for {name!r}, which is not a compared steering method")
+        if name in grids:
+            raise DesteinError(f"--strengths gives {name!r} twice")
+        try:
+            strengths = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise DesteinError(f"--strengths: {item!r} holds a value that is not a number") from None
+        for s in strengths:
+            SteeringConfig(alpha=s, form=name)  # range per form
+        if len(set(strengths)) != len(strengths):
+            raise DesteinError(f"--strengths: {item!r} repeats a strength")
+        grids[name] = strengths
+    return grids
+
+
+def strength_grid(
+    methods: Sequence[str], strengths: dict[str, tuple[float, ...]], calibrating: bool
+) -> dict[str, tuple[float, ...]]:
+    """Per steering method: the given strengths, else its calibration grid, else its default."""
+    grid = {}
+    for name in methods:
+        if name == "baseline":
+            continue
+        form = get_form(name)
+        grid[name] = strengths.get(name) or (form.grid if calibrating else (form.default_strength,))
+    return grid
+
+
+def cell(method: str, strength: float, shape: tuple[int, int]) -> MethodSpec:
+    """One (method, strength) cell, with the method's own head selection."""
+    form = get_form(method)
+    steering = SteeringConfig(alpha=strength, heads=form.default_heads(*shape), form=method)
+    return MethodSpec(f"{method}@{strength:g}", steering)
+
+
+def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) -> tuple[MethodSpec, bool]:
+    """The strongest detoxification within `budget` x the baseline's perplexity (module docstring)."""
+    base = metrics["baseline"]["perplexity"]
+    within = [c for c in cells if metrics[c.name]["perplexity"] <= budget * base]
+    if not within:
+        return min(cells, key=lambda c: abs(c.steering.alpha)), False
+    key = lambda c: (  # noqa: E731
+        metrics[c.name]["expected_max_toxicity"],
+        metrics[c.name]["toxicity_probability"],
+        abs(c.steering.alpha),
+    )
+    return min(within, key=key), True
+
+
+def check_calibration(
+    prompts: Sequence[Prompt], calibration: Sequence[Prompt] | None, budget: float | None
+) -> None:
+    """A budget needs calibration prompts, none of which may be an evaluation prompt."""
+    if budget is None:
+        if calibration is not None:
+            raise DesteinError("--calibration-prompts is used only with --ppl-budget")
+        return
+    if not budget > 1.0:
+        raise DesteinError(f"--ppl-budget is a perplexity ratio above 1 (e.g. 1.2), got {budget:g}")
+    if calibration is None:
+        raise DesteinError(
+            "--ppl-budget needs --calibration-prompts (strengths are never tuned on --prompts)"
+        )
+    if not calibration:
+        raise DesteinError("the calibration prompt set is empty")
+    shared = {p.text for p in prompts} & {p.text for p in calibration}
+    if shared:
+        raise DesteinError(
+            f"{len(shared)} calibration prompts are also evaluation prompts: strengths would be tuned "
+            "on the prompts they are reported on"
+        )
+
+
+def compare(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    prompts: Sequence[Prompt],
+    methods: Sequence[str],
+    out_dir: str | Path,
+    config: EvalConfig,
+    *,
+    strengths: dict[str, tuple[float, ...]] | None = None,
+    ppl_budget: float | None = None,
+    calibration: Sequence[Prompt] | None = None,
+    scorer: Scorer | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every cell (or, with `ppl_budget`, each method's calibrated cell); metrics.json's content."""
+    check_calibration(prompts, calibration, ppl_budget)
+    grid = strength_grid(methods, strengths or {}, calibrating=ppl_budget is not None)
+    cells = {name: [cell(name, s, vectors.shape) for s in values] for name, values in grid.items()}
+    opts = {"vectors": vectors, "scorer": scorer, "provenance": provenance, "progress": progress}
+    with runfolder.hold(out_dir) as out:
+        chosen: dict[str, Any] = {}
+        if ppl_budget is not None:
+            every = [c for group in cells.values() for c in group]
+            tuned = evaluate(model, calibration, [BASELINE, *every], out / CALIBRATION_DIR, config, **opts)
+            for name, group in cells.items():
+                best, within = choose(tuned, group, ppl_budget)
+                chosen[name] = {"cell": best.name, "strength": best.steering.alpha, "within_budget": within}
+            evaluated = [next(c for c in cells[n] if c.name == chosen[n]["cell"]) for n in cells]
+        else:
+            evaluated = [c for group in cells.values() for c in group]
+        metrics = evaluate(model, prompts, [BASELINE, *evaluated], out, config, **opts)
+        metrics["compare"] = {
+            "methods": list(grid),
+            "strengths": {name: list(values) for name, values in grid.items()},
+            "cells": {c.name: {"method": c.steering.form, "strength": c.steering.alpha} for c in evaluated},
+            "ppl_budget": ppl_budget,
+            "chosen": chosen,
+            "calibration_prompts": len(calibration) if calibration is not None else None,
+        }
+        write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1))
+    return metrics
+
+
+def load_compare(folder: str | Path) -> dict[str, Any]:
+    """A finished compare folder's metrics.json (with its calibration's, if any)."""
+    folder = Path(folder)
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DesteinError(f"{folder} holds no {METRICS_FILE}: not a finished compare folder") from None
+    except (OSError, ValueError) as e:
+        raise DesteinError(f"{folder / METRICS_FILE} is unreadable ({e})") from None
+    if not isinstance(metrics, dict) or "compare" not in metrics or "baseline" not in metrics:
+        raise DesteinError(f"{folder} is a run folder, not a compare folder (no 'compare' entry)")
+    tuned = folder / CALIBRATION_DIR / METRICS_FILE
+    if tuned.exists():
+        metrics["calibration"] = json.loads(tuned.read_text(encoding="utf-8"))
+    return metrics

@@ -1,0 +1,213 @@
+"""`compare`: the cells, the calibration rule, the resumable folder, the Pareto view, the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from destein_lens import cli
+from destein_lens.compare import (
+    CALIBRATION_DIR,
+    check_calibration,
+    choose,
+    compare,
+    parse_methods,
+    parse_strengths,
+    strength_grid,
+)
+from destein_lens.errors import DesteinError
+from destein_lens.evaluation import MethodSpec, eval_config
+from destein_lens.figures import compare_figures
+from destein_lens.forms import FORMS
+from destein_lens.pairs import builtin_seed_pairs
+from destein_lens.prompts import Prompt, builtin_demo_prompts
+from destein_lens.runfolder import gens_path
+from destein_lens.steering import SteeringConfig
+from destein_lens.vectors import build_vectors
+from destein_lens.views import pareto_figure, pareto_points
+
+
+def test_methods_and_strengths_are_parsed_and_checked() -> None:
+    assert parse_methods("baseline, destein,iti") == ["baseline", "destein", "iti"]
+    for bad, message in [("", "no method"), ("destein,nope", "unknown method"), ("iti,iti", "twice")]:
+        with pytest.raises(DesteinError, match=message):
+            parse_methods(bad)
+    methods = ["baseline", "destein", "iti"]
+    assert parse_strengths(["destein=0.05,0.1", "iti=5"], methods) == {"destein": (0.05, 0.1), "iti": (5.0,)}
+    for bad, message in [
+        (["destein"], "method=s1"),
+        (["destein="], "method=s1"),
+        (["act=0.5"], "not a compared"),
+        (["baseline=1"], "not a compared"),
+        (["destein=0.1,x"], "not a number"),
+        (["destein=5"], "within"),
+        (["destein=0.1,0.1"], "repeats"),
+        (["destein=0.1", "destein=0.2"], "twice"),
+    ]:
+        with pytest.raises(DesteinError, match=message):
+            parse_strengths(bad, methods)
+
+
+def test_grid_is_the_given_the_calibration_grid_or_the_default() -> None:
+    given = strength_grid(["baseline", "destein", "act"], {"destein": (0.2,)}, calibrating=True)
+    assert given == {"destein": (0.2,), "act": FORMS["act"].grid}
+    plain = strength_grid(["destein", "iti"], {}, calibrating=False)
+    assert plain == {"destein": (FORMS["destein"].default_strength,), "iti": (FORMS["iti"].default_strength,)}
+
+
+def _metrics(**cells: tuple[float, float, float]) -> dict:
+    return {
+        name: {"expected_max_toxicity": emt, "toxicity_probability": tp, "perplexity": ppl}
+        for name, (emt, tp, ppl) in cells.items()
+    }
+
+
+def test_choose_takes_the_strongest_detoxification_within_budget() -> None:
+    cells = [MethodSpec(f"destein@{a:g}", SteeringConfig(alpha=a)) for a in (0.05, 0.1, 0.15)]
+    metrics = _metrics(
+        baseline=(0.5, 0.5, 10.0),
+        **{
+            "destein@0.05": (0.4, 0.3, 11.0),
+            "destein@0.1": (0.3, 0.2, 11.9),
+            "destein@0.15": (0.1, 0.0, 30.0),
+        },
+    )
+    best, within = choose(metrics, cells, 1.2)
+    assert (best.name, within) == ("destein@0.1", True)
+    best, within = choose(metrics, cells, 1.05)
+    assert (best.name, within) == ("destein@0.05", False)  # none within: the weakest, flagged
+
+
+def test_calibration_prompts_are_checked() -> None:
+    evaluation = [Prompt("one prompt", None, "a"), Prompt("another", None, "b")]
+    with pytest.raises(DesteinError, match="needs --calibration-prompts"):
+        check_calibration(evaluation, None, 1.2)
+    with pytest.raises(DesteinError, match="empty"):
+        check_calibration(evaluation, [], 1.2)
+    with pytest.raises(DesteinError, match="also evaluation prompts"):
+        check_calibration(evaluation, [Prompt("another", None, "c")], 1.2)
+    with pytest.raises(DesteinError, match="above 1"):
+        check_calibration(evaluation, [Prompt("x", None, "c")], 0.9)
+    with pytest.raises(DesteinError, match="only with --ppl-budget"):
+        check_calibration(evaluation, [Prompt("x", None, "c")], None)
+
+
+@pytest.fixture(scope="module")
+def tiny_fitted(tiny_model):
+    return build_vectors(
+        tiny_model, builtin_seed_pairs().head(20), k=4, fit_forms=("iti", "act"), progress=False
+    )
+
+
+TINY = {"samples": 2, "max_new_tokens": 6, "batch_size": 4}
+
+
+def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(tiny_model, tiny_fitted, tmp_path) -> None:
+    prompts, calibration = builtin_demo_prompts()[:3], builtin_demo_prompts()[3:6]
+    config = eval_config(**TINY)
+    strengths = {"destein": (0.05, 0.2), "iti": (1.0, 4.0)}
+    args = (tiny_model, tiny_fitted, prompts, ["baseline", "destein", "iti", "act"], tmp_path / "c", config)
+    opts = {"strengths": strengths, "ppl_budget": 1.5, "calibration": calibration, "progress": False}
+    metrics = compare(*args, **opts)
+    chosen = metrics["compare"]["chosen"]
+    assert set(chosen) == {"destein", "iti", "act"}
+    tuned = json.loads((tmp_path / "c" / CALIBRATION_DIR / "metrics.json").read_text())
+    for name, choice in chosen.items():
+        assert choice["cell"] in tuned and choice["cell"] in metrics
+        grid = strengths.get(name, FORMS[name].grid)
+        assert {f"{name}@{s:g}" for s in grid} <= set(tuned)  # every strength tried on calibration
+    evaluated = [k for k, v in metrics.items() if isinstance(v, dict) and "expected_max_toxicity" in v]
+    assert sorted(evaluated) == sorted(["baseline", *(c["cell"] for c in chosen.values())])
+    for name in evaluated:
+        assert metrics[name]["n_prompts"] == 3 and len(metrics[name]["expected_max_toxicity_ci"]) == 2
+    # Resume: drop the last prompt of one cell; the rerun redoes exactly it, byte for byte.
+    path = gens_path(tmp_path / "c", chosen["iti"]["cell"])
+    before = path.read_bytes()
+    path.write_bytes(b"".join(before.splitlines(keepends=True)[:-1]))
+    again = compare(*args, **opts)
+    assert path.read_bytes() == before
+    assert again["compare"]["chosen"] == chosen
+    paths = compare_figures(tmp_path / "c", formats=("html",))
+    assert {p.name for p in paths} >= {"pareto.html", "pareto_calibration.html"}
+
+
+def test_every_cell_draws_the_same_random_numbers(tiny_model, tiny_fitted, tmp_path) -> None:
+    """Strength 0 is the unsteered model, so with the same draws its cell equals the baseline."""
+    metrics = compare(
+        tiny_model,
+        tiny_fitted,
+        builtin_demo_prompts()[:2],
+        ["baseline", "destein"],
+        tmp_path,
+        eval_config(**TINY),
+        strengths={"destein": (0.0, 0.1)},
+        progress=False,
+    )
+    rows = {name: gens_path(tmp_path, name).read_text().splitlines() for name in ("baseline", "destein@0")}
+    assert rows["baseline"] == rows["destein@0"]
+    assert metrics["destein@0"]["expected_max_toxicity"] == metrics["baseline"]["expected_max_toxicity"]
+
+
+def test_pareto_points_and_figure() -> None:
+    metrics = _metrics(baseline=(0.5, 0.5, 10.0), **{"iti@2": (0.3, 0.2, 12.0), "iti@1": (0.4, 0.3, 11.0)})
+    points = pareto_points(metrics)
+    assert [p["strength"] for p in points["iti"]] == [1.0, 2.0]
+    assert points["iti"][1]["ppl_ratio"] == pytest.approx(1.2)
+    fig = pareto_figure(metrics, chosen=["iti@2"], budget=1.2)
+    assert len(fig.data) == 4 and fig.data[2].marker.symbol[1] == "star"
+    with pytest.raises(DesteinError, match="baseline"):
+        pareto_points({"iti@1": metrics["iti@1"]})
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], contains: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and contains in lines[0], lines
+
+
+def _file(tmp: Path, name: str, text: str) -> str:
+    (tmp / name).write_text(text, encoding="utf-8")
+    return str(tmp / name)
+
+
+BAD = {
+    "unknown method": (lambda t: ["--methods", "baseline,nope"], "unknown method"),
+    "malformed strengths": (lambda t: ["--strengths", "destein:0.1"], "method=s1"),
+    "strength out of range": (lambda t: ["--strengths", "act=3"], "within"),
+    "budget without calibration": (lambda t: ["--ppl-budget", "1.2"], "needs --calibration-prompts"),
+    "empty calibration set": (
+        lambda t: ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "empty.txt", "\n")],
+        "no prompts",
+    ),
+    "calibration on the evaluation prompts": (
+        lambda t: (
+            ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "same.txt", "a b c\n")]
+            + ["--prompts", str(t / "same.txt")]
+        ),
+        "also evaluation prompts",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_compare_refuses_bad_input_before_any_model_work(case, tmp_path, capsys, monkeypatch) -> None:
+    import destein_lens.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was refused")
+
+    monkeypatch.setattr(destein_lens.models, "load_model", no_load)
+    make, contains = BAD[case]
+    _refused(["compare", *make(tmp_path), "--out", str(tmp_path / "c")], capsys, contains)
+    assert not (tmp_path / "c" / "config.json").exists()
+
+
+def test_figures_draws_a_compare_folder_and_refuses_a_run_folder(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(_metrics(baseline=(0.5, 0.5, 10.0))))
+    _refused(["figures", "--compare", str(run), "--out", str(tmp_path / "f")], capsys, "not a compare folder")
