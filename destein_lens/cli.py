@@ -95,9 +95,9 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Everything about the evaluation that can be wrong, checked before any model work starts."""
     from .evaluation import BASELINE, MethodSpec, eval_config
     from .files import check_out_dir
+    from .forms import get_form
     from .prompts import load_prompts
     from .scoring import get_scorer
-    from .forms import get_form
     from .steering import SteeringConfig, parse_heads
 
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
