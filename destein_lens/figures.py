@@ -219,18 +219,42 @@ def compare_figures(
     metrics = load_compare(folder)
     settings = metrics["compare"]
     chosen = [c["cell"] for c in settings["chosen"].values()]
-    save = _Saver(Path(out_dir or folder), formats)
+    out = Path(out_dir or folder)
+    save = _Saver(out, formats)
     save("pareto", views.pareto_figure(metrics, chosen=chosen, budget=settings["ppl_budget"]))
+    figures = {
+        "pareto": "EMT and TP of each evaluated cell against perplexity / unsteered perplexity, "
+        "bootstrap 95% intervals over prompts, calibrated strengths starred.",
+    }
     if "calibration" in metrics:
         title = "Calibration: every strength tried, on the calibration prompts"
         fig = views.pareto_figure(
             metrics["calibration"], chosen=chosen, budget=settings["ppl_budget"], title=title
         )
         save("pareto_calibration", fig)
+        figures["pareto_calibration"] = "Every strength of every method's grid on the calibration prompts."
+    run = metrics["config"]
+    protocol = run["eval"]
+    facts = [
+        f"model: {run['model']['name']}; scorer {metrics['scorer']}; {run['prompts']['n']} prompts x "
+        f"{protocol['samples']} samples, {protocol['max_new_tokens']} new tokens, seed {protocol['seed']}",
+        "cells: " + ", ".join(settings["cells"]),
+    ]
+    if settings["ppl_budget"] is not None:
+        facts.append(
+            f"calibrated at a {settings['ppl_budget']:g}x perplexity budget on "
+            f"{settings['calibration_prompts']} other prompts"
+        )
+    if save.skipped:
+        facts.append(f"static export skipped, figures saved as HTML only: {save.skipped}")
+    command = f"destein-lens figures --compare {folder}" + (f" --out {out_dir}" if out_dir else "")
+    save.paths.append(write_atomic(out / "README.md", _readme(command, facts, save.formats, figures)))
     return save.paths
 
 
-def _readme(command: str, facts: Sequence[str], formats: Sequence[str]) -> str:
+def _readme(
+    command: str, facts: Sequence[str], formats: Sequence[str], figures: dict[str, str] = FIGURES
+) -> str:
     """What each figure shows, the exact command that rebuilt them, and the settings behind them."""
     static = "".join(f" and `<name>.{fmt}`" for fmt in formats if fmt != "html")
     lines = [
@@ -243,6 +267,6 @@ def _readme(command: str, facts: Sequence[str], formats: Sequence[str]) -> str:
         "",
         "| figure | what it shows |",
         "|---|---|",
-        *(f"| [`{stem}`]({stem}.html) | {text} |" for stem, text in FIGURES.items()),
+        *(f"| [`{stem}`]({stem}.html) | {text} |" for stem, text in figures.items()),
     ]
     return "\n".join(lines) + "\n"

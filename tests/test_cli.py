@@ -164,6 +164,14 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
         _run_file("--pairs", "pairs.jsonl", '{"toxic": "you idiot, get lost now", "nontoxic": ""}\n'),
         "empty",
     ),
+    "vector file without the form's fit": (
+        lambda t, v: ["evaluate", "--vectors", str(v), "--form", "act", "--out", str(t / "r")],
+        "no act fit",
+    ),
+    "strength beyond the form's range": (
+        lambda t, v: ["run", "--form", "act", "--alpha", "2", "--out", str(t / "r")],
+        "act strength must be within",
+    ),
     "samples 0": (lambda t, v: ["run", "--samples", "0", "--out", str(t / "r")], "samples"),
     "max-prompts 0": (lambda t, v: ["run", "--max-prompts", "0", "--out", str(t / "r")], "max_prompts"),
     "batch-size 0": (lambda t, v: ["run", "--batch-size", "0", "--out", str(t / "r")], "batch_size"),
@@ -300,3 +308,23 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path
                 assert value == pytest.approx(b[method][key], rel=1e-6, nan_ok=True), key
     other = _cli(*args[:4], "3", *args[5:], "--out", str(killed))  # --samples 3: another run
     assert other.returncode == 2 and "holds another run" in other.stderr
+
+
+def test_run_with_a_comparison_form_fits_it_and_names_the_method_by_it(tiny_model_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    cli.main(
+        [
+            *TINY_RUN[:-2],
+            "--max-prompts",
+            "1",
+            "--model",
+            str(tiny_model_dir),
+            "--form",
+            "iti",
+            "--out",
+            str(out),
+        ]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "iti" in metrics and gens_path(out, "iti").exists()
+    assert metrics["config"]["methods"][1]["alpha"] == 15.0  # the form's own default strength
