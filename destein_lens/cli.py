@@ -342,14 +342,14 @@ def _add_vector_options(p: argparse.ArgumentParser) -> None:
 def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> None:
     from .steering import DEFAULT_STRENGTH, MAX_STRENGTH
 
+    default = "each form's calibrated default, destein 0.05" if per_form else f"{DEFAULT_STRENGTH:g}"
     p.add_argument(
         "--alpha",
         type=float,
         default=None if per_form else DEFAULT_STRENGTH,
-        help=f"steering strength; DeStein forms: in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] (default "
-        f"{DEFAULT_STRENGTH:g}), 0 steers nothing, negative toxifies, past 1 the direction replaces the "
-        "head output"
-        + ("; other forms: their own range and default (`compare` lists them)" if per_form else ""),
+        help=f"steering strength (default: {default}); DeStein forms take [-{MAX_STRENGTH:g}, "
+        f"{MAX_STRENGTH:g}]: 0 steers nothing, negative toxifies, past 1 the direction replaces the head "
+        "output; other forms have their own range",
     )
 
 
@@ -418,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(p)
     _add_vector_options(p)
-    from .compare import COMPARED
+    from .compare import COMPARED, DEFAULT_METHODS
 
     p.add_argument(
         "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
     )
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument(
-        "--methods", default=",".join(COMPARED), help=f"comma-separated, of: {', '.join(COMPARED)}"
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {', '.join(COMPARED)}"
     )
     p.add_argument(
         "--strengths",

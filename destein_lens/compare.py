@@ -39,6 +39,18 @@ from .vectors import DetoxVectors
 
 CALIBRATION_DIR = "calibration"
 COMPARED = ("baseline", *FORMS)
+# What `compare` runs by default: every calibrated method (`additive`, the paper's stated update,
+# barely moves the text at DeStein's strengths and was left out of the calibration).
+DEFAULT_METHODS = (
+    "baseline",
+    "destein",
+    "destein-gated",
+    "released_code",
+    "actadd",
+    "iti",
+    "act",
+    "self-detoxify",
+)
 
 
 def parse_methods(text: str) -> list[str]:

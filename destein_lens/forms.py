@@ -54,9 +54,10 @@ BuildHooks = Callable[
 ]
 GATE_THRESHOLD = 0.0
 GATE_TEMPERATURE = 1.0
-# The DeStein forms' default strength (CLI, figures, attribution, notebooks, README). On
+# The strength the analyses use (figures, attribution, notebooks): a clearly visible effect. On
 # gemma-3-270m the benchmark sweep puts the useful all-heads range at 0.05-0.15 (perplexity
-# x1.3 at 0.1, x3.7 at 0.15); by 0.4 the text degenerates.
+# x1.3 at 0.1, x3.7 at 0.15); by 0.4 the text degenerates. Generation defaults (`run`, `compare`)
+# are each form's `default_strength`, calibrated at a 1.2x perplexity budget (`compare`).
 DEFAULT_STRENGTH = 0.1
 # |alpha| beyond this is refused for the DeStein forms. In the fusion forms alpha * w_h (w_h <= 2)
 # past 1 lets the direction outweigh the unit activation itself: the head output is replaced, the
@@ -252,6 +253,7 @@ register(
         "head-wise fusion along each head's normalised direction, norm kept (the paper)",
         _destein_offset,
         _fuse,
+        default_strength=0.05,
         grid=(0.05, 0.075, 0.1),
     )
 )
@@ -262,6 +264,7 @@ register(
         _destein_offset,
         _fuse,
         gated=True,
+        default_strength=0.1,
         grid=(0.1, 0.2, 0.3),
     )
 )
@@ -272,6 +275,7 @@ register(
         _released_code_offset,
         _fuse_whole_layer,
         whole_layer=True,
+        default_strength=0.075,
         grid=(0.05, 0.075, 0.1),
     )
 )

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from destein_lens import cli
+from destein_lens.forms import FORMS
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.runfolder import CONFIG_FILE, gens_path
 from destein_lens.vectors import build_vectors
@@ -327,4 +328,6 @@ def test_run_with_a_comparison_form_fits_it_and_names_the_method_by_it(tiny_mode
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert "iti" in metrics and gens_path(out, "iti").exists()
-    assert metrics["config"]["methods"][1]["alpha"] == 15.0  # the form's own default strength
+    assert (
+        metrics["config"]["methods"][1]["alpha"] == FORMS["iti"].default_strength
+    )  # the form's own default strength

@@ -117,7 +117,7 @@ register(
         "act",
         "Linear-AcT: per-unit affine transport maps (sorted toxic -> non-toxic) at every norm output",
         _build,
-        default_strength=1.0,
+        default_strength=0.5,
         max_strength=1.0,
         grid=(0.25, 0.5, 1.0),
         head_wise=False,

@@ -78,7 +78,7 @@ register(
         "actadd",
         "ActAdd/CAA: c x the mean non-toxic - toxic residual difference added at one layer",
         _build,
-        default_strength=2.0,
+        default_strength=1.0,
         max_strength=50.0,
         grid=(0.5, 1.0, 2.0),
         head_wise=False,

@@ -68,7 +68,7 @@ register(
         "iti",
         "ITI: the top-K probe heads shifted by alpha x sigma along their mass-mean direction",
         _build,
-        default_strength=15.0,
+        default_strength=4.0,
         max_strength=200.0,
         grid=(2.0, 4.0, 8.0),
         fit=fit,

@@ -105,7 +105,7 @@ register(
         "Toxification Reversal: each head's last-position output moved against its per-prompt "
         "toxic-minus-polite prefix shift, adaptively scaled, norm kept",
         _build,
-        default_strength=1.0,
+        default_strength=0.1,
         max_strength=5.0,
         grid=(0.1, 0.25, 0.5),
     )
