@@ -13,8 +13,15 @@ prompts. Only the chosen cells then run on the evaluation prompts. A method with
 within budget is evaluated at its weakest and flagged.
 
 The defaults (`forms.Form.default_strength`) were calibrated this way on
-`../shared/data/rtp/test_100.jsonl` (4 samples per prompt, profanity-check, gemma-3-270m) at a
-1.2x budget: see benchmarks/README.md for the command and the table it chose from.
+`../shared/data/rtp/test_100.jsonl` (all 100 prompts, 2 samples each, profanity-check,
+gemma-3-270m, seed 0) at a 1.2x budget, each method over its `grid`:
+
+    destein-lens compare --prompts <50 held-out prompts> --calibration-prompts test_100.jsonl \
+        --ppl-budget 1.2 --samples 2
+
+(benchmarks/heldout_prompts.py writes the held-out prompts; benchmarks/README.md has the table
+the strengths were chosen from). Two samples per prompt make the choice noisy: a neighbouring
+grid point is often within the bootstrap interval of the chosen one.
 """
 
 from __future__ import annotations
