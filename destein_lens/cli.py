@@ -74,6 +74,18 @@ def _cmd_vectors(args: argparse.Namespace) -> None:
     print(f"wrote {path} and {path.with_suffix('.json')}; top heads by probe accuracy: {top}")
 
 
+def _vector_settings(args: argparse.Namespace, pairs) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's pair provenance, and the vector settings a folder's own vectors must match."""
+    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
+    settings = {
+        "site": args.site,
+        "k": args.k,
+        "pairs_sha256": pairs.sha256(),
+        "probe_texts": args.probe_texts,
+    }
+    return provenance, settings
+
+
 def _cmd_induce(args: argparse.Namespace) -> None:
     from .files import check_out_file
     from .induction import induce_pairs
@@ -156,14 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     inputs = _eval_inputs(args)
     vector_inputs = _vector_inputs(args)
-    pairs = vector_inputs["pairs"]
-    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
-    settings = {
-        "site": args.site,
-        "k": args.k,
-        "pairs_sha256": pairs.sha256(),
-        "probe_texts": args.probe_texts,
-    }
+    provenance, settings = _vector_settings(args, vector_inputs["pairs"])
     _check_model_args(args)
     with runfolder.hold(args.out) as out:
         runfolder.check_same_run(
@@ -229,14 +234,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     check_calibration(prompts, calibration, args.ppl_budget)
     scorer = get_scorer(args.scorer)
     vector_inputs = _vector_inputs(args)
-    pairs = vector_inputs["pairs"]
-    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
-    settings = {
-        "site": args.site,
-        "k": args.k,
-        "pairs_sha256": pairs.sha256(),
-        "probe_texts": args.probe_texts,
-    }
+    provenance, settings = _vector_settings(args, vector_inputs["pairs"])
     fit_forms = [m for m in methods if m != "baseline" and get_form(m).fit is not None]
     check_out_dir(args.out)
     _check_model_args(args)
