@@ -298,6 +298,16 @@ def _cmd_figures(args: argparse.Namespace) -> None:
     from .figures import check_figures_inputs, compare_figures, make_figures
     from .steering import SteeringConfig
 
+    if args.attribution:
+        from .figures import attribution_figures
+        from .files import check_out_dir
+
+        if args.out is not None:
+            check_out_dir(args.out)
+        paths = attribution_figures(args.attribution, args.out)
+        print(f"wrote {len(paths)} files (the figures of {', '.join(args.attribution)})")
+        return
+    args.out = args.out or "figures"
     if args.compare is not None:
         from .files import check_out_dir
 
@@ -318,6 +328,34 @@ def _cmd_figures(args: argparse.Namespace) -> None:
         alpha=args.alpha,
     )
     print(f"wrote {len(paths)} files to {args.out} (see {args.out}/README.md)")
+
+
+def _cmd_attribute(args: argparse.Namespace) -> None:
+    from .attribution import StudySettings, parse_studies, run_study
+    from .attribution.study import held_out_pairs
+    from .figures import attribution_figures
+    from .files import check_out_dir
+    from .prompts import load_prompts
+    from .readers import check_count
+    from .steering import SteeringConfig
+
+    studies = parse_studies(args.study)
+    check_count(args.n_held_out, "--n-held-out")
+    check_count(args.batch_size, "--batch-size")
+    check_count(args.max_prompts, "--max-prompts")
+    SteeringConfig(alpha=args.alpha)
+    settings = StudySettings(alpha=args.alpha, batch_size=args.batch_size, eval_samples=args.samples)
+    vector_inputs = _vector_inputs(args)
+    held = held_out_pairs(args.held_out, args.n_held_out, vector_inputs["pairs"])
+    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)  # part of the folder's identity
+    check_out_dir(args.out)
+    _check_model_args(args)
+    model = _load(args)
+    _, vector_settings = _vector_settings(args, vector_inputs["pairs"])
+    vectors = _folder_vectors(args.out, model, vector_inputs, vector_settings)
+    run_study(model, vectors, held, args.out, studies=studies, settings=settings, prompts=prompts)
+    paths = attribution_figures(args.out)
+    print(f"wrote {args.out}/report.md and {len(paths)} figure files in {args.out}/figures")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -442,6 +480,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="compare folder (resumable)")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser(
+        "attribute", help="head attribution studies: which heads carry toxicity, with intervals"
+    )
+    _add_model_options(p)
+    _add_vector_options(p)
+    from .attribution import STUDIES
+    from .pairs import DEFAULT_HF_PARADETOX
+
+    p.add_argument("--study", default="all", help=f"all, or a comma list of: {', '.join(STUDIES)}")
+    p.add_argument(
+        "--held-out",
+        default=f"hf:{DEFAULT_HF_PARADETOX}",
+        help="pairs the effects are measured on, none among --pairs (default: ParaDetox from the hub)",
+    )
+    p.add_argument(
+        "--n-held-out",
+        type=int,
+        default=16,
+        help="held-out pairs (16: the full study within 15 min on 2 cores)",
+    )
+    _add_strength_option(p)
+    p.add_argument("--prompts", default=None, help="the selection's EMT/TP prompts (default: built-in demo)")
+    p.add_argument("--max-prompts", type=int, default=10)
+    p.add_argument("--samples", type=int, default=2, help="continuations per prompt in the selection's runs")
+    p.add_argument("--batch-size", type=int, default=16, help="held-out pairs per forward")
+    p.add_argument("--out", default="runs/attribution", help="study folder (resumable)")
+    p.set_defaults(func=_cmd_attribute)
+
     p = sub.add_parser("evaluate", help="evaluate saved vectors on a prompt file")
     _add_model_options(p)
     p.add_argument("--vectors", required=True, help="a .safetensors vector file (with its .json)")
@@ -450,11 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("figures", help="regenerate every figure (HTML + PNG) and its README")
     _add_model_options(p)
-    p.add_argument("--out", default="figures")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: figures; for --attribution, each study's figures/)",
+    )
     p.add_argument("--sweep", default=None, help="a benchmark sweep.json (default: run a small sweep)")
     _add_strength_option(p)
     p.add_argument("--quick", action="store_true", help="fewer pairs, prompts and samples")
     p.add_argument("--compare", default=None, help="a compare folder: draw its Pareto figure only (no model)")
+    p.add_argument(
+        "--attribution",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="attribution study folders (no model needed); several, one per model, add cross-model views",
+    )
     p.set_defaults(func=_cmd_figures)
     return parser
 

@@ -30,7 +30,6 @@ from .analysis import (
     probe_figures,
     run_sweep,
 )
-from .attribution import head_attribution
 from .errors import DesteinError
 from .files import check_out_dir, write_atomic
 from .models import DEFAULT_MODEL, load_model, load_record
@@ -52,9 +51,6 @@ FIGURES: dict[str, str] = {
     "toxic texts again with steering on (all heads), and the detox direction drawn from the "
     "non-toxic centroid.",
     "top_heads_geometry": "The same view for the first six heads of that ranking, one PCA each.",
-    "head_attribution": "Effect of steering each head alone on the held-out toxic - non-toxic "
-    "log-prob gap, next to the probe accuracy, with their Spearman rank correlation; the heads "
-    "`steer(heads=8)` picks are starred on both.",
     "alpha_sweep": "Expected maximum toxicity and toxicity probability against perplexity across "
     "steering strength α, one line per method family, with the Pareto front.",
     "generation_comparison": "Demo prompts continued without and with steering (same seed), with "
@@ -150,7 +146,7 @@ def make_figures(
     if sweep_rows is None:
         sweep_rows = check_figures_inputs(out_dir, sweep_json)  # fail before model work
     model = model or load_model()
-    train, held_out = builtin_seed_pairs().head(settings.n_pairs).split(0.8)
+    train, _ = builtin_seed_pairs().head(settings.n_pairs).split(0.8)
     vectors = build_vectors(model, train, progress=progress)
     out = Path(out_dir)
     save = _Saver(out, formats)
@@ -160,8 +156,6 @@ def make_figures(
     geometry, top_heads = geometry_figures(model, vectors, train, alpha=alpha, progress=progress)
     save("activation_geometry", geometry)
     save("top_heads_geometry", top_heads)
-    attribution = head_attribution(model, vectors, held_out, progress=progress)
-    save("head_attribution", views.attribution_figure(attribution, vectors))
     if sweep_rows is None:
         sweep_rows = run_sweep(
             model,
@@ -191,10 +185,8 @@ def make_figures(
     )
     facts = [
         f"model: {name}; site {vectors.site}, k = {vectors.k}",
-        f"vectors: the first {vectors.n_pairs} of {settings.n_pairs} built-in seed pairs; the other "
-        f"{len(held_out)} are the held-out pairs of the head attribution",
-        f"head attribution: each head alone at α = {attribution.alpha:g}; Spearman ρ(effect, probe "
-        f"accuracy) = {attribution.spearman:.3f}; unsteered gap {attribution.baseline_gap:.3f} nats/token",
+        f"vectors: the first {vectors.n_pairs} of {settings.n_pairs} built-in seed pairs",
+        "head attribution: `destein-lens figures --attribution DIR ...` draws a study folder's figures",
         f"geometry and generations: all heads steered at α = {alpha:g}",
         f"alpha sweep: {sweep_source}"
         + (f" (left out, no finite perplexity: {', '.join(left_out)})" if left_out else ""),
@@ -250,6 +242,97 @@ def compare_figures(
     command = f"destein-lens figures --compare {folder}" + (f" --out {out_dir}" if out_dir else "")
     save.paths.append(write_atomic(out / "README.md", _readme(command, facts, save.formats, figures)))
     return save.paths
+
+
+ATTRIBUTION_FIGURES = {
+    "grid_<result>": "Each per-pair result's mean effect per head (layer x head), 95% interval in the hover; "
+    "the top 8 heads of the probe ranking starred.",
+    "top_heads": "Each ranking study's strongest heads, bootstrap 95% intervals over held-out pairs.",
+    "dla_tokens": "The tokens the top DLA heads' detox moves promote and suppress, through W_O, the norms "
+    "(linearised) and W_U.",
+    "selection": "Gap effect of steering the top-k heads of the probe, causal and random rankings, with "
+    "95% bands; EMT of the evaluated k beside it.",
+    "agreement": "Spearman's rho and top-8 overlap between the rankings, with bootstrap intervals.",
+}
+CROSS_MODEL_FIGURES = {
+    "depth_<result>": "Every head's mean effect against relative depth (layer / (n_layers - 1)), one colour "
+    "per model, a line through each layer's best head.",
+}
+
+
+def attribution_figures(
+    folders: str | Path | Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    formats: Sequence[str] = ("html", "png"),
+) -> list[Path]:
+    """The figures of attribution study folders (no model needed) and a README of their settings.
+
+    One folder: its figures into `out_dir` (default `<folder>/figures`). Several (one per model):
+    each folder's figures into `out_dir/<model name>/`, plus the cross-model depth figures.
+    """
+    from .attribution import load_study
+    from .attribution.effects import rank_heads
+    from .attribution.study import RANKED
+
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    if not folders:
+        raise DesteinError("no attribution study folder given")
+    studies = [load_study(f) for f in folders]
+    labels = [Path(r.config["model"]["name"]).name.removesuffix(".gguf") for r in studies]
+    if len(set(labels)) < len(labels):  # the same model twice (other settings): name them by folder
+        labels = [Path(f).resolve().name for f in folders]
+    single = len(folders) == 1
+    out = Path(out_dir or Path(folders[0]) / "figures") if single else Path(out_dir or "figures/attribution")
+    paths: list[Path] = []
+    for folder, results, label in zip(folders, studies, labels):
+        model = results.config["model"]["name"]
+        target = out if single else out / label
+        save = _Saver(target, formats)
+        probe_top = rank_heads(results.probe_accuracy)[:8]
+        for name, effects in results.effects.items():
+            save(f"grid_{name}", views.effect_grid(effects, marked=probe_top, marked_label="probe top-8"))
+        ranked = {n: results.effects[n] for n in RANKED if n in results.effects}
+        if ranked:
+            save("top_heads", views.top_heads_figure(ranked))
+        if results.dla is not None:
+            save("dla_tokens", views.dla_tokens_figure(results.dla, results.dla.effects.ranking()[:6]))
+        if results.selection is not None:
+            save("selection", views.selection_figure(results.selection, results.evaluation))
+        if results.agreement is not None:
+            save("agreement", views.agreement_figure(results.agreement))
+        cfg = results.config
+        facts = [
+            f"model: {model}; {cfg['model']['n_layers']} layers x {cfg['model']['n_heads']} heads",
+            f"vectors: {cfg['vectors']['n_pairs']} pairs, k = {cfg['vectors']['k']}; held-out pairs: "
+            f"{cfg['held_out']['n']} from {cfg['held_out']['source']}",
+            f"steering strength α = {cfg['settings']['alpha']:g}; 95% bootstrap intervals over pairs",
+            f"study folder: {folder} (its report.md has the numbers)",
+        ]
+        if save.skipped:
+            facts.append(f"static export skipped, figures saved as HTML only: {save.skipped}")
+        command = f"destein-lens figures --attribution {' '.join(map(str, folders))}" + (
+            f" --out {out_dir}" if out_dir else ""
+        )
+        save.paths.append(
+            write_atomic(target / "README.md", _readme(command, facts, save.formats, ATTRIBUTION_FIGURES))
+        )
+        paths += save.paths
+    if not single:
+        save = _Saver(out, formats)
+        for name in RANKED:
+            if all(name in r.effects for r in studies):
+                save(
+                    f"depth_{name}", views.depth_figure({m: r.effects[name] for m, r in zip(labels, studies)})
+                )
+        facts = [f"studies: {', '.join(labels)}; each one's figures in its subfolder"]
+        command = f"destein-lens figures --attribution {' '.join(map(str, folders))}" + (
+            f" --out {out_dir}" if out_dir else ""
+        )
+        save.paths.append(
+            write_atomic(out / "README.md", _readme(command, facts, save.formats, CROSS_MODEL_FIGURES))
+        )
+        paths += save.paths
+    return paths
 
 
 def _readme(

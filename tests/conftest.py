@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,16 @@ def build_tiny_model_dir(path: Path) -> Path:
     from destein_lens.pairs import builtin_seed_pairs
 
     seeds = builtin_seed_pairs()
+    # the attribution studies' word lists, so some of their words are single tokens here too
+    words = [
+        " " + w.strip()
+        for kind in ("toxic", "neutral")
+        for w in resources.files("destein_lens.data").joinpath(f"{kind}_words.txt").read_text().splitlines()
+        if w.strip() and not w.startswith("#")
+    ]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        list(seeds.toxic + seeds.nontoxic) * 4, vocab_size=400, special_tokens=["<|endoftext|>"]
+        list(seeds.toxic + seeds.nontoxic) * 4 + words * 8, vocab_size=1000, special_tokens=["<|endoftext|>"]
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"

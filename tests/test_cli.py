@@ -176,6 +176,34 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
     "samples 0": (lambda t, v: ["run", "--samples", "0", "--out", str(t / "r")], "samples"),
     "max-prompts 0": (lambda t, v: ["run", "--max-prompts", "0", "--out", str(t / "r")], "max_prompts"),
     "batch-size 0": (lambda t, v: ["run", "--batch-size", "0", "--out", str(t / "r")], "batch_size"),
+    "attribute unknown study": (
+        lambda t, v: ["attribute", "--study", "probing", "--out", str(t / "r")],
+        "unknown study",
+    ),
+    "attribute n-held-out 0": (
+        lambda t, v: ["attribute", "--n-held-out", "0", "--out", str(t / "r")],
+        "--n-held-out",
+    ),
+    "attribute missing held-out file": (
+        lambda t, v: ["attribute", "--held-out", str(t / "none.jsonl"), "--out", str(t / "r")],
+        "none.jsonl",
+    ),
+    "attribute held-out from an unreachable hub": (
+        lambda t, v: ["attribute", "--out", str(t / "r")],
+        "ParaDetox",
+    ),
+    "attribute held-out = the vectors' pairs": (
+        lambda t, v: ["attribute", "--held-out", "builtin", "--n-held-out", "3", "--out", str(t / "r")],
+        "no pair that the vectors were not built on",
+    ),
+    "attribute alpha 1e9": (
+        lambda t, v: ["attribute", "--held-out", "builtin", "--alpha", "1e9", "--out", str(t / "r")],
+        "within",
+    ),
+    "figures --attribution of a non-study folder": (
+        lambda t, v: ["figures", "--attribution", str(t)],
+        "not an attribution study folder",
+    ),
 }
 
 

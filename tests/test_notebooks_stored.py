@@ -10,7 +10,13 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_the_notebooks_exist() -> None:
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_quickstart", "02_activation_geometry", "03_head_attribution", "04_compare"]
+    assert names == [
+        "01_quickstart",
+        "02_activation_geometry",
+        "03_head_attribution",
+        "04_compare",
+        "05_cross_model",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -1,4 +1,5 @@
-"""Layer x head grids: any per-head value, probe accuracy, and single-head attribution.
+"""Layer x head grids: any per-head value and probe accuracy (the attribution studies' grids reuse
+`head_grid`, see `views.attribution`).
 
 Stars on a grid always mark heads the caller names, never a top-k computed here: the project has
 one head ranking, `DetoxVectors.ranking()`, and a figure should star exactly the heads
@@ -8,19 +9,14 @@ one head ranking, `DetoxVectors.ranking()`, and a figure should star exactly the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ..errors import DesteinError
 from ._checks import as_array
 from ._style import finish, int_axis
-
-if TYPE_CHECKING:  # views take plain arrays; only the attribution figure reads package objects
-    from ..attribution import HeadAttribution
-    from ..vectors import DetoxVectors
 
 
 def _steered_heads_label(k: int) -> str:
@@ -133,69 +129,3 @@ def probe_heatmap(
         zrange=(0.5, 1.0),
         colorscale="Viridis",
     )
-
-
-def attribution_figure(result: HeadAttribution, vectors: DetoxVectors, *, top_k: int = 8) -> go.Figure:
-    """Effect grid next to the probe-accuracy grid, the heads `steer(heads=top_k)` picks starred on both.
-
-    Each panel is the package's own head grid; only their traces and axes are moved into one
-    figure, so colours, hover text and layer-0-on-top stay what every other grid shows.
-    """
-    if result.effect.shape != vectors.probe_accuracy.shape:
-        raise DesteinError(
-            f"attribution grid {tuple(result.effect.shape)} does not match the vectors' "
-            f"{tuple(vectors.probe_accuracy.shape)}"
-        )
-    if top_k < 1:
-        raise DesteinError(f"top_k must be at least 1, got {top_k}")
-    top_k = min(top_k, result.effect.numel())
-    marked = vectors.ranking()[:top_k]
-    panels = [
-        head_grid(
-            result.effect,
-            title="",
-            colorbar_title="effect (nats/token)",
-            hover={"probe accuracy": vectors.probe_accuracy},
-            zmid=0.0,
-            marked=marked,
-            marked_label=_steered_heads_label(top_k),
-        ),
-        probe_heatmap(vectors.probe_accuracy, direction_norm=vectors.directions.norm(dim=-1), marked=marked),
-    ]
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        horizontal_spacing=0.2,
-        subplot_titles=[
-            f"effect of steering the head alone (α={result.alpha:g})",
-            "held-out probe accuracy",
-        ],
-    )
-    for col, panel in enumerate(panels, start=1):
-        for trace in panel.data:
-            fig.add_trace(trace, row=1, col=col)
-        fig.update_xaxes(panel.layout.xaxis, row=1, col=col)
-        fig.update_yaxes(panel.layout.yaxis, row=1, col=col)
-    fig.data[-1].showlegend = False  # the same stars on both panels, listed once
-    # One colour bar beside each panel instead of both at the right edge.
-    heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
-    for trace, axis in zip(heatmaps, (fig.layout.xaxis, fig.layout.xaxis2)):
-        trace.colorbar.update(x=axis.domain[1] + 0.01, len=0.9)
-    rho = "undefined" if result.spearman != result.spearman else f"{result.spearman:.2f}"
-    fig.update_layout(
-        template=panels[1].layout.template,
-        font=panels[1].layout.font,
-        legend=panels[0].layout.legend.update(y=1.07),  # above the panel titles, not on them
-        height=panels[1].layout.height + 40,
-        margin={"t": 150},
-        width=1200,
-        title={
-            "text": f"Single-head steering effect vs probe accuracy (Spearman ρ = {rho})",
-            "subtitle": {
-                "text": f"effect = drop in the held-out toxic − non-toxic log-prob gap "
-                f"({result.n_pairs} pairs, unsteered gap {result.baseline_gap:.3g} nats/token)"
-            },
-            "x": 0.02,
-        },
-    )
-    return fig

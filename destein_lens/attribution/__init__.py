@@ -1,0 +1,45 @@
+"""Head attribution: which heads carry toxicity, causally, with intervals over held-out pairs.
+
+The studies, each a function returning a frozen result of per-pair effects (`HeadEffects`):
+- `patching_effects`: one head's output exchanged between the two sides of each pair;
+- `direct_logit_attribution`: what a head's output writes straight into the toxic vs neutral logits;
+- `steering_effects` / `leave_one_out`: one head steered alone, or all heads but one;
+- `selection_curves`: the top-k heads of the probe, causal and random rankings steered together;
+- `agreement`: Spearman's rho and top-k overlap between the rankings.
+`run_study` runs them into a resumable folder with a report; `load_study` reads one back.
+"""
+
+from .agreement import Agreement, agreement
+from .dla import DirectLogits, direct_logit_attribution
+from .effects import HeadEffects
+from .heldout import HeldOut, Scores, held_out, score
+from .patching import patching_effects
+from .selection import SelectionCurves, rankings, selection_curves, selection_evaluation
+from .steered import leave_one_out, steering_effects
+from .study import STUDIES, StudyResults, StudySettings, held_out_pairs, load_study, parse_studies, run_study
+
+__all__ = [
+    "STUDIES",
+    "Agreement",
+    "DirectLogits",
+    "HeadEffects",
+    "HeldOut",
+    "Scores",
+    "SelectionCurves",
+    "StudyResults",
+    "StudySettings",
+    "agreement",
+    "direct_logit_attribution",
+    "held_out",
+    "held_out_pairs",
+    "leave_one_out",
+    "load_study",
+    "parse_studies",
+    "patching_effects",
+    "rankings",
+    "run_study",
+    "score",
+    "selection_curves",
+    "selection_evaluation",
+    "steering_effects",
+]

@@ -1,0 +1,144 @@
+"""Per-head effects on each held-out pair, with bootstrap intervals over pairs.
+
+Every study returns a `HeadEffects`: one value per (layer, head, pair), signed so that a positive
+value means the head pushes the model towards toxicity (removing or reversing it detoxifies).
+Keeping the pairs, not only the mean, is what lets every effect, and every correlation between
+studies (`agreement`), carry an interval that resamples the same pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
+
+from ..errors import DesteinError
+from ..files import write_atomic
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensor fields is elementwise, not a bool
+class HeadEffects:
+    """One study's effect of each head on each held-out pair."""
+
+    study: str  # "steering", "leave_one_out", "patching", "dla", ...
+    values: torch.Tensor  # [n_layers, n_heads, n_pairs], float32; positive: the head adds toxicity
+    unit: str  # "nats/token", "logit", ...
+    meaning: str  # one line: what a value is
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape[:2])  # type: ignore[return-value]
+
+    @property
+    def n_pairs(self) -> int:
+        return self.values.shape[-1]
+
+    def mean(self) -> torch.Tensor:
+        """[n_layers, n_heads]: the effect averaged over pairs."""
+        return self.values.mean(-1)
+
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[torch.Tensor, torch.Tensor]:
+        """Percentile bootstrap interval of the mean over pairs, per head (TransformerLens's own)."""
+        return bootstrap_ci(
+            self.values,
+            confidence=confidence,
+            n_resamples=N_RESAMPLES,
+            generator=derive_generator(0, self.study),
+        )
+
+    def ranking(self) -> list[tuple[int, int]]:
+        """Heads by mean effect, largest first (ties: index)."""
+        return rank_heads(self.mean())
+
+    def save(self, path: Path) -> None:
+        """`<path>.safetensors` (the values) and `<path>.json` (the rest)."""
+        write_atomic(path.with_suffix(".safetensors"), save({"values": self.values.contiguous()}))
+        meta = {"study": self.study, "unit": self.unit, "meaning": self.meaning}
+        write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> HeadEffects:
+        meta, tensors = read_result(path)
+        return cls(values=tensors["values"], **meta)
+
+
+def rank_heads(score: torch.Tensor) -> list[tuple[int, int]]:
+    """(layer, head) by `score` [n_layers, n_heads], largest first (ties: index)."""
+    n_heads = score.shape[1]
+    flat = score.flatten().tolist()
+    return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
+
+
+def read_result(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A result's JSON and tensors; a damaged pair is a one-line error, not a traceback."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        tensors = load_file(path.with_suffix(".safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DesteinError(f"cannot read the study result {path}: {type(e).__name__}") from e
+    return meta, tensors
+
+
+class Checkpoint:
+    """A study's finished cells (one tensor each), written to disk every `every` seconds.
+
+    A study runs one forward per head per batch of pairs; on two CPU cores that is minutes, so
+    a killed study resumes from its last flush instead of from zero. `path` None keeps it in memory.
+    """
+
+    def __init__(self, path: Path | None, *, every: float = 20.0) -> None:
+        self.path = path
+        self.every = every
+        self.cells: dict[str, torch.Tensor] = {}
+        if path is not None and path.exists():
+            try:
+                self.cells = load_file(path)
+            except (OSError, SafetensorError):  # written atomically, so only a foreign file: redo
+                self.cells = {}
+        self._last = time.monotonic()
+
+    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.cells:
+            self.cells[key] = compute().contiguous()
+            if time.monotonic() - self._last > self.every:
+                self.flush()
+        return self.cells[key]
+
+    def flush(self) -> None:
+        if self.path is not None and self.cells:
+            write_atomic(self.path, save(self.cells))
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        """The study finished and saved its result: its cells are no longer needed."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def per_head(
+    shape: tuple[int, int],
+    cell: Callable[[int, int], torch.Tensor],
+    ckpt: Checkpoint,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """`cell(layer, head)` -> [m, n_pairs] for every head, resumed from `ckpt`: [m, L, H, n_pairs]."""
+    heads = list(itertools.product(range(shape[0]), range(shape[1])))
+    rows = [
+        ckpt.get_or_compute(f"{layer}.{head}", lambda layer=layer, head=head: cell(layer, head))
+        for layer, head in tqdm(heads, desc=desc, unit="head", disable=not progress)
+    ]
+    return torch.stack(rows, dim=1).unflatten(1, shape)

@@ -1,0 +1,182 @@
+"""Selection curves: steer the top-k heads of a ranking, for growing k, and measure the gap.
+
+Does choosing heads by causal effect beat the paper's choice by probe accuracy at equal k? Each
+ranker orders the heads, and for every k the top k are steered together (DeStein's form):
+
+    effect(ranker, k) = gap(unsteered) - gap(top-k steered),   per selection pair
+
+Rankers: "probe" (`DetoxVectors.ranking()`, from the vectors' own pairs), "causal" (the single-head
+steering effect) and "random-<seed>" (several seeds). The causal ranking is cross-fitted: the
+held-out pairs are cut into folds, and each fold's curve steers the heads ranked on the *other*
+folds' pairs, never on its own (choosing and scoring on the same pairs would flatter it). Every
+pair thus enters the curve once, scored out of sample.
+`selection_evaluation` adds EMT, TP and perplexity for a few k with the evaluation harness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from ..errors import DesteinError
+from ..evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
+from ..files import write_atomic
+from ..pairs import SteeringPairs
+from ..prompts import Prompt
+from ..steering import DEFAULT_STRENGTH, SteeringConfig
+from ..vectors import DetoxVectors
+from .effects import CONFIDENCE, Checkpoint, HeadEffects, rank_heads, read_result
+from .heldout import HeldOut, score
+from .steered import steered_scores
+
+KS = (1, 2, 4, 8, 16, 32)  # and always every head
+RANDOM_SEEDS = (0, 1, 2)
+N_FOLDS = 2
+Order = list[tuple[int, int]]
+
+
+@dataclass(frozen=True, eq=False)
+class SelectionCurves:
+    """The gap effect of steering each ranker's top-k heads, per selection pair."""
+
+    rankers: tuple[str, ...]
+    ks: tuple[int, ...]
+    effect: torch.Tensor  # [n_rankers, n_ks, n_pairs], nats per token
+    orders: list[dict[str, Order]]  # per fold, each ranker's head order
+    alpha: float
+
+    def mean(self) -> torch.Tensor:
+        return self.effect.mean(-1)
+
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[torch.Tensor, torch.Tensor]:
+        return HeadEffects("selection", self.effect, "nats/token", "").interval(confidence)
+
+    def save(self, path: Path) -> None:
+        write_atomic(path.with_suffix(".safetensors"), save({"effect": self.effect.contiguous()}))
+        meta = {
+            "rankers": list(self.rankers),
+            "ks": list(self.ks),
+            "alpha": self.alpha,
+            "orders": [
+                {name: [list(h) for h in order] for name, order in fold.items()} for fold in self.orders
+            ],
+        }
+        write_atomic(path.with_suffix(".json"), json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: Path) -> SelectionCurves:
+        meta, tensors = read_result(path)
+        orders = [
+            {name: [tuple(h) for h in order] for name, order in fold.items()} for fold in meta["orders"]
+        ]
+        return cls(tuple(meta["rankers"]), tuple(meta["ks"]), tensors["effect"], orders, meta["alpha"])
+
+
+def rankings(
+    vectors: DetoxVectors, causal: torch.Tensor, seeds: Sequence[int] = RANDOM_SEEDS
+) -> dict[str, Order]:
+    """Head orders: probe accuracy, `causal` [n_layers, n_heads] (largest first), and random ones."""
+    n_layers, n_heads = vectors.shape
+    orders = {"probe": vectors.ranking(), "causal": rank_heads(causal)}
+    for seed in seeds:
+        perm = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(seed))
+        orders[f"random-{seed}"] = [divmod(int(i), n_heads) for i in perm]
+    return orders
+
+
+def curve_ks(n_cells: int, ks: Sequence[int] = KS) -> tuple[int, ...]:
+    """The k of the curve: those below the number of heads, then all heads."""
+    return tuple(k for k in ks if k < n_cells) + (n_cells,)
+
+
+def fold_pairs(pairs: SteeringPairs, n_folds: int = N_FOLDS) -> list[SteeringPairs]:
+    """`pairs` cut into `n_folds` contiguous folds, in order (sizes differ by at most one)."""
+    if not 2 <= n_folds <= len(pairs):
+        raise DesteinError(f"cross-fitting needs 2 to {len(pairs)} folds, got {n_folds}")
+    bounds = [round(i * len(pairs) / n_folds) for i in range(n_folds + 1)]
+    return [
+        SteeringPairs(pairs.toxic[a:b], pairs.nontoxic[a:b], f"{pairs.source} (fold {i + 1}/{n_folds})")
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
+
+
+def crossfit_orders(
+    vectors: DetoxVectors,
+    steering: HeadEffects,
+    fold_sizes: Sequence[int],
+    seeds: Sequence[int] = RANDOM_SEEDS,
+) -> list[dict[str, Order]]:
+    """Per fold, the orders its curve uses: "causal" ranked on the other folds' pairs only."""
+    starts = [sum(fold_sizes[:i]) for i in range(len(fold_sizes))]
+    out = []
+    for start, size in zip(starts, fold_sizes):
+        others = torch.ones(steering.n_pairs, dtype=torch.bool)
+        others[start : start + size] = False
+        out.append(rankings(vectors, steering.values[..., others].mean(-1), seeds))
+    return out
+
+
+def selection_curves(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    folds: Sequence[HeldOut],
+    orders: Sequence[dict[str, Order]],
+    *,
+    ks: Sequence[int] = KS,
+    alpha: float = DEFAULT_STRENGTH,
+    checkpoint: Checkpoint | None = None,
+    progress: bool = True,
+) -> SelectionCurves:
+    """Steer each order's top k heads for every k of `curve_ks`, fold by fold with that fold's
+    orders; the pairs come out in fold order. Identical head sets on a fold run once."""
+    n_layers, n_heads = vectors.shape
+    ks = curve_ks(n_layers * n_heads, ks)
+    rankers = list(orders[0])
+    ckpt = checkpoint or Checkpoint(None)
+    effects = []
+    for f, (held, fold_orders) in enumerate(zip(folds, orders)):
+        base = ckpt.get_or_compute(f"{f}.base", lambda held=held: score(model, held).gap)
+        effect = torch.zeros(len(rankers), len(ks), len(held))
+        cells = [(r, i) for r in range(len(rankers)) for i in range(len(ks))]
+        for r, i in tqdm(
+            cells, desc=f"selection (fold {f + 1}/{len(folds)})", unit="set", disable=not progress
+        ):
+            heads = sorted(fold_orders[rankers[r]][: ks[i]])
+            key = f"{f}." + hashlib.sha256(repr(heads).encode()).hexdigest()[:16]
+            gap = ckpt.get_or_compute(
+                key, lambda held=held, heads=heads: steered_scores(model, vectors, held, heads, alpha).gap
+            )
+            effect[r, i] = base - gap
+        effects.append(effect)
+    return SelectionCurves(tuple(rankers), ks, torch.cat(effects, dim=-1), list(orders), float(alpha))
+
+
+def selection_evaluation(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    orders: dict[str, Order],
+    ks: Sequence[int],
+    prompts: Sequence[Prompt],
+    out_dir: Path,
+    config: EvalConfig,
+    *,
+    alpha: float = DEFAULT_STRENGTH,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """EMT, TP and perplexity of steering each order's top k (`<ranker>-top<k>`), and the baseline,
+    with the evaluation harness (a resumable run folder of its own); returns its metrics."""
+    methods = [BASELINE] + [
+        MethodSpec(f"{name}-top{k}", SteeringConfig(alpha=alpha, heads=orders[name][:k]))
+        for name in orders
+        for k in ks
+    ]
+    return evaluate(model, prompts, methods, out_dir, config, vectors=vectors, progress=progress)

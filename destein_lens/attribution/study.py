@@ -1,0 +1,290 @@
+"""The attribution study folder: every study on one model, one set of vectors and one set of held-out
+pairs, resumable, with its report.
+
+    <out>/config.json            what the study is (a folder holds one study; another is refused)
+    <out>/vectors.*              the vectors studied (built from --pairs, or copied in)
+    <out>/<result>.safetensors   per-pair effects (+ .json: what they mean), one pair per study result
+    <out>/.partial/<study>.*     finished heads of a study in progress (a killed run resumes there)
+    <out>/selection_eval/        the evaluation harness's run folder for the selection's few k
+    <out>/report.md              the answers, with intervals
+
+`run_study` runs the requested studies in order (steering before selection, which ranks by it)
+and skips those already saved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from .. import runfolder
+from ..errors import DesteinError
+from ..evaluation import EvalConfig
+from ..files import write_atomic
+from ..generation import protocol_sampling
+from ..models import load_record
+from ..pairs import SteeringPairs
+from ..prompts import Prompt
+from ..steering import DEFAULT_STRENGTH
+from ..vectors import DetoxVectors
+from .agreement import Agreement, agreement
+from .dla import DirectLogits, direct_logit_attribution
+from .effects import Checkpoint, HeadEffects
+from .heldout import held_out, score
+from .patching import patching_effects
+from .report import study_report
+from .selection import (
+    KS,
+    RANDOM_SEEDS,
+    SelectionCurves,
+    crossfit_orders,
+    fold_pairs,
+    rankings,
+    selection_curves,
+    selection_evaluation,
+)
+from .steered import leave_one_out, steering_effects
+
+STUDIES = ("patching", "dla", "steering", "selection")
+# what each study saves, in report order
+RESULTS = {
+    "patching": ("patching", "patching_denoise_mass", "patching_noise_mass"),
+    "dla": ("dla",),
+    "steering": ("steering", "steering_mass", "leave_one_out"),
+}
+# the per-pair results that rank heads, beside probe accuracy
+RANKED = ("patching", "dla", "steering", "leave_one_out")
+AGREEMENT_K = 8
+VECTORS = "vectors"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The knobs of a study; all of them are part of what the folder holds."""
+
+    alpha: float = DEFAULT_STRENGTH  # steering strength of the steering and selection studies
+    batch_size: int = 16  # pairs per forward
+    selection_ks: tuple[int, ...] = KS
+    random_seeds: tuple[int, ...] = RANDOM_SEEDS
+    eval_ks: tuple[int, ...] = (4, 16)  # k of the selection's EMT / TP / perplexity runs
+    eval_rankers: tuple[str, ...] = ("probe", "causal", "random-0")
+    eval_samples: int = 2
+    eval_tokens: int = 20
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_samples < 1 or self.eval_tokens < 1:
+            raise DesteinError("batch size, samples and tokens must be at least 1")
+        if any(k < 1 for k in self.selection_ks + self.eval_ks):
+            raise DesteinError("every k must be at least 1")
+
+
+@dataclass(frozen=True, eq=False)
+class StudyResults:
+    """What a study folder holds, read back (studies not run are absent)."""
+
+    config: dict[str, Any]
+    effects: dict[str, HeadEffects]
+    dla: DirectLogits | None
+    selection: SelectionCurves | None
+    evaluation: dict[str, Any] | None
+    agreement: Agreement | None
+    probe_accuracy: torch.Tensor
+
+
+def parse_studies(text: str) -> tuple[str, ...]:
+    """ "all" or a comma list of STUDIES, in run order; selection brings steering with it."""
+    names = STUDIES if text == "all" else tuple(s.strip() for s in text.split(","))
+    unknown = [s for s in names if s not in STUDIES]
+    if unknown or not names:
+        raise DesteinError(
+            f"unknown study {', '.join(unknown) or text!r}; choose all or from {', '.join(STUDIES)}"
+        )
+    wanted = set(names) | ({"steering"} if "selection" in names else set())
+    return tuple(s for s in STUDIES if s in wanted)
+
+
+def held_out_pairs(spec: str | Path, n: int, vector_pairs: SteeringPairs) -> SteeringPairs:
+    """The first `n` pairs of `spec` that share no text with the vectors' pairs."""
+    from ..pairs import load_pairs
+
+    seen = set(vector_pairs.toxic) | set(vector_pairs.nontoxic)
+    pool = load_pairs(spec, max_pairs=n + len(vector_pairs))
+    keep = [i for i in range(len(pool)) if pool.toxic[i] not in seen and pool.nontoxic[i] not in seen][:n]
+    if not keep:
+        raise DesteinError(f"{spec} has no pair that the vectors were not built on")
+    toxic, nontoxic = zip(*[(pool.toxic[i], pool.nontoxic[i]) for i in keep])
+    return SteeringPairs(toxic, nontoxic, f"{pool.source} (first {len(keep)} not in the vectors' pairs)")
+
+
+def run_study(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    held_pairs: SteeringPairs,
+    out_dir: str | Path,
+    *,
+    studies: Sequence[str] = STUDIES,
+    settings: StudySettings | None = None,
+    prompts: Sequence[Prompt] = (),
+    progress: bool = True,
+) -> StudyResults:
+    """Run `studies` into `out_dir` (resuming), then the agreement and the report; returns all of it.
+
+    The held-out pairs must be disjoint from the vectors' pairs. The selection's "causal" ranker
+    is cross-fitted over two folds of them (`selection`).
+    `prompts` are the selection's evaluation prompts (none: no EMT / TP runs).
+    """
+    studies = parse_studies(",".join(studies))  # run order; selection brings steering
+    settings = settings or StudySettings()
+    vectors.check_compatible(model)
+    if held_pairs.sha256() == vectors.pairs_sha256:
+        raise DesteinError("the held-out pairs are the pairs the vectors were built on; use other pairs")
+    if "selection" in studies and len(held_pairs) < 4:
+        raise DesteinError(f"the selection study needs at least 4 held-out pairs, got {len(held_pairs)}")
+    config = {
+        "model": load_record(model).to_dict(),
+        "vectors": {"pairs_sha256": vectors.pairs_sha256, "n_pairs": vectors.n_pairs, "k": vectors.k},
+        "held_out": {"sha256": held_pairs.sha256(), "source": held_pairs.source, "n": len(held_pairs)},
+        "prompts": [p.id for p in prompts],
+        "settings": asdict(settings),
+    }
+    with runfolder.hold(out_dir) as out:
+        runfolder.claim(out, config)
+        _save_vectors(vectors, out)
+        held = held_out(model, held_pairs, batch_size=settings.batch_size)
+        base = score(model, held)
+        partial = out / ".partial"
+        partial.mkdir(exist_ok=True)
+        opts = {"checkpoint": None, "progress": progress}
+
+        def run(name: str, compute) -> None:
+            if all((out / f"{r}.safetensors").exists() for r in RESULTS[name]):
+                return
+            ckpt = Checkpoint(partial / f"{name}.safetensors")
+            for result in compute({**opts, "checkpoint": ckpt}).values():
+                result.save(out / result.study)
+            ckpt.clear()
+
+        for name in studies:
+            if name == "patching":
+                run(name, lambda o: patching_effects(model, held, k=vectors.k, baseline=base, **o))
+            elif name == "dla":
+                if not (out / "dla.safetensors").exists():
+                    direct_logit_attribution(model, vectors, held, k=vectors.k).save(out / "dla")
+            elif name == "steering":
+
+                def steering(o: dict[str, Any]) -> dict[str, HeadEffects]:
+                    both = steering_effects(model, vectors, held, alpha=settings.alpha, baseline=base, **o)
+                    o["checkpoint"] = Checkpoint(partial / "leave_one_out.safetensors")
+                    both.update(leave_one_out(model, vectors, held, alpha=settings.alpha, **o))
+                    o["checkpoint"].clear()
+                    return both
+
+                run(name, steering)
+            elif name == "selection":
+                _selection(model, vectors, held_pairs, out, settings, prompts, progress)
+        effects = load_study(out).effects
+        ranked = {r: effects[r] for r in RANKED if r in effects}
+        if ranked:  # redone every time: a resumed folder may have gained a study
+            agreement({"probe": probe_order_score(vectors), **ranked}, k=AGREEMENT_K).save(out / "agreement")
+        results = load_study(out)
+        write_atomic(out / "report.md", study_report(results))
+    return results
+
+
+def _selection(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    held_pairs: SteeringPairs,
+    out: Path,
+    settings: StudySettings,
+    prompts: Sequence[Prompt],
+    progress: bool,
+) -> None:
+    """The cross-fitted curves (folds of the held-out pairs), then the few k's generation runs."""
+    steering = HeadEffects.load(out / "steering")
+    if not (out / "selection.safetensors").exists():
+        folds = fold_pairs(held_pairs)
+        orders = crossfit_orders(vectors, steering, [len(f) for f in folds], settings.random_seeds)
+        ckpt = Checkpoint(out / ".partial" / "selection.safetensors")
+        curves = selection_curves(
+            model,
+            vectors,
+            [held_out(model, f, batch_size=settings.batch_size) for f in folds],
+            orders,
+            ks=settings.selection_ks,
+            alpha=settings.alpha,
+            checkpoint=ckpt,
+            progress=progress,
+        )
+        curves.save(out / "selection")
+        ckpt.clear()
+    if prompts and settings.eval_ks:
+        config = EvalConfig(
+            sampling=protocol_sampling(
+                n=settings.eval_samples, max_new_tokens=settings.eval_tokens, seed=settings.seed
+            )
+        )
+        # the generation prompts are not the held-out pairs: here causal ranks on all of them
+        orders = rankings(vectors, steering.mean(), settings.random_seeds)
+        eval_orders = {name: orders[name] for name in settings.eval_rankers if name in orders}
+        n_cells = vectors.shape[0] * vectors.shape[1]
+        selection_evaluation(
+            model,
+            vectors,
+            eval_orders,
+            [k for k in settings.eval_ks if k < n_cells],
+            prompts,
+            out / "selection_eval",
+            config,
+            alpha=settings.alpha,
+            progress=progress,
+        )
+
+
+def probe_order_score(vectors: DetoxVectors) -> torch.Tensor:
+    """[n_layers, n_heads] strictly decreasing along `vectors.ranking()`: the probe ranking with the
+    tie-break steering uses (accuracies tie often), so its top k are the heads `steer(heads=k)` picks."""
+    n_layers, n_heads = vectors.shape
+    score = torch.zeros(n_layers, n_heads)
+    for position, (layer, head) in enumerate(vectors.ranking()):
+        score[layer, head] = n_layers * n_heads - position
+    return score
+
+
+def _save_vectors(vectors: DetoxVectors, out: Path) -> None:
+    if not (out / f"{VECTORS}.safetensors").exists():
+        vectors.save(out / VECTORS)
+
+
+def load_study(folder: str | Path) -> StudyResults:
+    """Everything a study folder holds (no model needed): for figures, reports and notebooks."""
+    out = Path(folder)
+    config = runfolder.read_config(out)
+    if config is None or "held_out" not in config:
+        raise DesteinError(f"{out} is not an attribution study folder (no study config.json)")
+    effects = {
+        name: HeadEffects.load(out / name)
+        for names in RESULTS.values()
+        for name in names
+        if (out / f"{name}.safetensors").exists()
+    }
+    metrics = out / "selection_eval" / runfolder.METRICS_FILE
+    return StudyResults(
+        config=config,
+        effects=effects,
+        dla=DirectLogits.load(out / "dla") if (out / "dla_tokens.safetensors").exists() else None,
+        selection=SelectionCurves.load(out / "selection")
+        if (out / "selection.safetensors").exists()
+        else None,
+        evaluation=json.loads(metrics.read_text()) if metrics.exists() else None,
+        agreement=Agreement.load(out / "agreement") if (out / "agreement.safetensors").exists() else None,
+        probe_accuracy=DetoxVectors.load(out / VECTORS).probe_accuracy,
+    )
