@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.io as pio
 import pytest
 import torch
+from test_views import _assert_labelled  # the contract every view keeps
 
 from destein_lens import views
 from destein_lens.attribution.agreement import Agreement, agreement
@@ -26,15 +25,6 @@ def _effects(
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(*shape, N_PAIRS, generator=gen) + torch.arange(shape[0] * shape[1]).view(*shape, 1)
     return HeadEffects(study, values, "nats/token", "gap drop when the head is patched")
-
-
-def _assert_labelled(fig: go.Figure) -> None:
-    """The contract every view keeps: title, shared template, titled axes."""
-    assert fig.layout.title.text
-    assert fig.layout.template == pio.templates[views.TEMPLATE]
-    axes = [k for k in fig.layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]
-    for name in axes:
-        assert fig.layout[name].title.text, f"{name} has no title"
 
 
 def _dla(tokens: list | None = None) -> DirectLogits:
