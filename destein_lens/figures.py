@@ -244,19 +244,13 @@ def compare_figures(
     return save.paths
 
 
-ATTRIBUTION_FIGURES = {
-    "grid_<result>": "Each per-pair result's mean effect per head (layer x head), 95% interval in the hover; "
-    "the top 8 heads of the probe ranking starred.",
+_FIXED_ATTRIBUTION = {
     "top_heads": "Each ranking study's strongest heads, bootstrap 95% intervals over held-out pairs.",
     "dla_tokens": "The tokens the top DLA heads' detox moves promote and suppress, through W_O, the norms "
     "(linearised) and W_U.",
-    "selection": "Gap effect of steering the top-k heads of the probe, causal and random rankings, with "
-    "95% bands; EMT of the evaluated k beside it.",
+    "selection": "Gap effect of steering the top-k heads of the probe, causal (cross-fitted) and random "
+    "rankings, with 95% bands; EMT of the evaluated k beside it.",
     "agreement": "Spearman's rho and top-8 overlap between the rankings, with bootstrap intervals.",
-}
-CROSS_MODEL_FIGURES = {
-    "depth_<result>": "Every head's mean effect against relative depth (layer / (n_layers - 1)), one colour "
-    "per model, a line through each layer's best head.",
 }
 
 
@@ -283,14 +277,19 @@ def attribution_figures(
         labels = [Path(f).resolve().name for f in folders]
     single = len(folders) == 1
     out = Path(out_dir or Path(folders[0]) / "figures") if single else Path(out_dir or "figures/attribution")
+    command = f"destein-lens figures --attribution {' '.join(map(str, folders))}" + (
+        f" --out {out_dir}" if out_dir else ""
+    )
     paths: list[Path] = []
+    settings = []
     for folder, results, label in zip(folders, studies, labels):
-        model = results.config["model"]["name"]
-        target = out if single else out / label
-        save = _Saver(target, formats)
+        save, shown = _Saver(out if single else out / label, formats), {}
         probe_top = rank_heads(results.probe_accuracy)[:8]
         for name, effects in results.effects.items():
             save(f"grid_{name}", views.effect_grid(effects, marked=probe_top, marked_label="probe top-8"))
+            shown[f"grid_{name}"] = (
+                f"`{name}`: {effects.meaning}; per head, interval in the hover, probe top-8 starred."
+            )
         ranked = {n: results.effects[n] for n in RANKED if n in results.effects}
         if ranked:
             save("top_heads", views.top_heads_figure(ranked))
@@ -300,37 +299,32 @@ def attribution_figures(
             save("selection", views.selection_figure(results.selection, results.evaluation))
         if results.agreement is not None:
             save("agreement", views.agreement_figure(results.agreement))
+        saved = {path.stem for path in save.paths}
+        shown.update({stem: text for stem, text in _FIXED_ATTRIBUTION.items() if stem in saved})
         cfg = results.config
-        facts = [
-            f"model: {model}; {cfg['model']['n_layers']} layers x {cfg['model']['n_heads']} heads",
-            f"vectors: {cfg['vectors']['n_pairs']} pairs, k = {cfg['vectors']['k']}; held-out pairs: "
-            f"{cfg['held_out']['n']} from {cfg['held_out']['source']}",
-            f"steering strength α = {cfg['settings']['alpha']:g}; 95% bootstrap intervals over pairs",
-            f"study folder: {folder} (its report.md has the numbers)",
-        ]
+        settings.append(
+            f"{label}: {cfg['model']['n_layers']} layers x {cfg['model']['n_heads']} heads; vectors from "
+            f"{cfg['vectors']['n_pairs']} pairs (k = {cfg['vectors']['k']}); {cfg['held_out']['n']} "
+            f"held-out pairs from {cfg['held_out']['source']}; α = {cfg['settings']['alpha']:g}; study "
+            f"folder {folder} (its report.md has the numbers)"
+        )
+        facts = [settings[-1], "intervals: 95% percentile bootstrap over the held-out pairs"]
         if save.skipped:
             facts.append(f"static export skipped, figures saved as HTML only: {save.skipped}")
-        command = f"destein-lens figures --attribution {' '.join(map(str, folders))}" + (
-            f" --out {out_dir}" if out_dir else ""
-        )
-        save.paths.append(
-            write_atomic(target / "README.md", _readme(command, facts, save.formats, ATTRIBUTION_FIGURES))
-        )
+        save.paths.append(write_atomic(save.out / "README.md", _readme(command, facts, save.formats, shown)))
         paths += save.paths
     if not single:
-        save = _Saver(out, formats)
+        save, shown = _Saver(out, formats), {}
         for name in RANKED:
             if all(name in r.effects for r in studies):
-                save(
-                    f"depth_{name}", views.depth_figure({m: r.effects[name] for m, r in zip(labels, studies)})
+                effects = {m: r.effects[name] for m, r in zip(labels, studies)}
+                save(f"depth_{name}", views.depth_figure(effects))
+                shown[f"depth_{name}"] = (
+                    f"`{name}`: every head's mean effect against relative depth (layer / (n_layers - 1)), "
+                    "one colour per model, a line through each layer's strongest head."
                 )
-        facts = [f"studies: {', '.join(labels)}; each one's figures in its subfolder"]
-        command = f"destein-lens figures --attribution {' '.join(map(str, folders))}" + (
-            f" --out {out_dir}" if out_dir else ""
-        )
-        save.paths.append(
-            write_atomic(out / "README.md", _readme(command, facts, save.formats, CROSS_MODEL_FIGURES))
-        )
+        facts = [*settings, "each model's own figures are in its subfolder"]
+        save.paths.append(write_atomic(out / "README.md", _readme(command, facts, save.formats, shown)))
         paths += save.paths
     return paths
 
