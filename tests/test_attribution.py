@@ -289,8 +289,14 @@ def test_held_out_pairs_skip_the_vectors_pairs(split) -> None:
         held_out_pairs("builtin", 5, seeds)
 
 
-def test_cli_attribute_then_cross_model_figures(tiny_model_dir, tmp_path: Path, capsys) -> None:
-    """The command on the tiny model, twice (two "models"), then one figures call over both."""
+def test_cli_attribute_then_cross_model_figures(tiny_model_dir, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The command on the tiny model, twice (two "models"), then one figures call over both.
+
+    HTML only: PNG export is `test_figures`' subject, and here it would cost a browser start a figure."""
+    from destein_lens import figures
+
+    saver = figures._Saver
+    monkeypatch.setattr(figures, "_Saver", lambda out, formats: saver(out, ("html",)))
     pairs = tmp_path / "pairs.jsonl"
     builtin_seed_pairs().head(30).to_jsonl(pairs)
     folders = [tmp_path / "a", tmp_path / "b"]

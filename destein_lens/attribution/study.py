@@ -41,6 +41,7 @@ from .patching import patching_effects
 from .report import study_report
 from .selection import (
     KS,
+    N_FOLDS,
     RANDOM_SEEDS,
     SelectionCurves,
     crossfit_orders,
@@ -146,8 +147,10 @@ def run_study(
     vectors.check_compatible(model)
     if held_pairs.sha256() == vectors.pairs_sha256:
         raise DesteinError("the held-out pairs are the pairs the vectors were built on; use other pairs")
-    if "selection" in studies and len(held_pairs) < 4:
-        raise DesteinError(f"the selection study needs at least 4 held-out pairs, got {len(held_pairs)}")
+    if "selection" in studies and len(held_pairs) < N_FOLDS:
+        raise DesteinError(
+            f"the selection study needs at least {N_FOLDS} held-out pairs, got {len(held_pairs)}"
+        )
     config = {
         "model": load_record(model).to_dict(),
         "vectors": {"pairs_sha256": vectors.pairs_sha256, "n_pairs": vectors.n_pairs, "k": vectors.k},
