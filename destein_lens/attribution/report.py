@@ -53,8 +53,8 @@ def study_report(results: StudyResults) -> str:
         for name, eff in results.effects.items():
             mean, (low, high) = eff.mean(), eff.interval()
             top = ", ".join(
-                f"L{l}H{h} {_ci(float(mean[l, h]), float(low[l, h]), float(high[l, h]))}"
-                for l, h in eff.ranking()[:TOP]  # noqa: E741
+                f"L{layer}H{head} {_ci(*(float(t[layer, head]) for t in (mean, low, high)))}"
+                for layer, head in eff.ranking()[:TOP]
             )
             lines.append(
                 f"| {name} | {eff.unit} | {int((low > 0).sum())} / {int((high < 0).sum())} | {top} |"

@@ -15,8 +15,8 @@ and skips those already saved.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class StudySettings:
     eval_samples: int = 2
     eval_tokens: int = 20
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_samples < 1 or self.eval_tokens < 1:
@@ -165,31 +164,39 @@ def run_study(
         base = score(model, held)
         partial = out / ".partial"
         partial.mkdir(exist_ok=True)
-        opts = {"checkpoint": None, "progress": progress}
 
-        def run(name: str, compute) -> None:
+        def run(name: str, compute: Callable[[Checkpoint], dict[str, HeadEffects]]) -> None:
+            """Compute and save a study's results, unless saved already; its heads checkpointed."""
             if all((out / f"{r}.safetensors").exists() for r in RESULTS[name]):
                 return
             ckpt = Checkpoint(partial / f"{name}.safetensors")
-            for result in compute({**opts, "checkpoint": ckpt}).values():
+            for result in compute(ckpt).values():
                 result.save(out / result.study)
             ckpt.clear()
 
+        def steering(ckpt: Checkpoint) -> dict[str, HeadEffects]:
+            alone = steering_effects(
+                model, vectors, held, alpha=settings.alpha, baseline=base, checkpoint=ckpt, progress=progress
+            )
+            rest = Checkpoint(partial / "leave_one_out.safetensors")
+            loo = leave_one_out(
+                model, vectors, held, alpha=settings.alpha, checkpoint=rest, progress=progress
+            )
+            rest.clear()
+            return alone | loo
+
         for name in studies:
             if name == "patching":
-                run(name, lambda o: patching_effects(model, held, k=vectors.k, baseline=base, **o))
+                run(
+                    name,
+                    lambda c: patching_effects(
+                        model, held, k=vectors.k, baseline=base, checkpoint=c, progress=progress
+                    ),
+                )
             elif name == "dla":
                 if not (out / "dla.safetensors").exists():
                     direct_logit_attribution(model, vectors, held, k=vectors.k).save(out / "dla")
             elif name == "steering":
-
-                def steering(o: dict[str, Any]) -> dict[str, HeadEffects]:
-                    both = steering_effects(model, vectors, held, alpha=settings.alpha, baseline=base, **o)
-                    o["checkpoint"] = Checkpoint(partial / "leave_one_out.safetensors")
-                    both.update(leave_one_out(model, vectors, held, alpha=settings.alpha, **o))
-                    o["checkpoint"].clear()
-                    return both
-
                 run(name, steering)
             elif name == "selection":
                 _selection(model, vectors, held_pairs, out, settings, prompts, progress)
