@@ -29,7 +29,7 @@ from ..activations import hook_name
 from ..files import write_atomic
 from ..vectors import DetoxVectors
 from .effects import HeadEffects, read_result
-from .heldout import SIDES, HeldOut, Side, word_ids
+from .heldout import SIDES, HeldOut, Side, end_activations, end_positions, word_ids
 
 N_TOP = 10
 
@@ -114,30 +114,13 @@ def _batch_acts(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(hook_z [b, k, L, H, d], post-attention-norm inputs [b, k, L, m] or None, final-norm inputs
     [b, k, m], valid [b, k]) at each text's last k positions (slot j = position length - 1 - j)."""
-    n_layers = model.cfg.n_layers
-    post = _post_norms(model)
-    names = [hook_name("heads", layer) for layer in range(n_layers)] + ["ln_final.hook_in"]
-    if post:
-        names += [f"blocks.{layer}.attn.hook_out" for layer in range(n_layers)]
-    device = model.cfg.device
-    _, cache = model.run_with_cache(
-        side.ids.to(device), attention_mask=side.mask.to(device), names_filter=lambda n: n in names
-    )
-    positions = side.lengths[:, None] - 1 - torch.arange(k)[None]
-    valid = positions >= 0
-    rows = torch.arange(len(positions))[:, None]
-    at = positions.clamp_min(0)
-
-    def ends(t: torch.Tensor) -> torch.Tensor:
-        return t.float().cpu()[rows, at]
-
-    z = torch.stack([ends(cache[hook_name("heads", layer)]) for layer in range(n_layers)], dim=2)
-    pre = (
-        torch.stack([ends(cache[f"blocks.{layer}.attn.hook_out"]) for layer in range(n_layers)], dim=2)
-        if post
-        else None
-    )
-    return z, pre, ends(cache["ln_final.hook_in"]), valid
+    layers = range(model.cfg.n_layers)
+    heads = [hook_name("heads", layer) for layer in layers]
+    post = [f"blocks.{layer}.attn.hook_out" for layer in layers] if _post_norms(model) else []
+    acts = end_activations(model, side, [*heads, *post, "ln_final.hook_in"], k)
+    z = torch.stack([acts[n] for n in heads], dim=2)
+    pre = torch.stack([acts[n] for n in post], dim=2) if post else None
+    return z, pre, acts["ln_final.hook_in"], end_positions(side.lengths, k) >= 0
 
 
 def _window_mean(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

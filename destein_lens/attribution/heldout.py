@@ -123,6 +123,27 @@ def held_out(model: TransformerBridge, pairs: SteeringPairs, *, batch_size: int 
     return HeldOut(pairs, tuple(batches), word_ids(tokenizer, "toxic"))
 
 
+def end_positions(lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """[b, k]: position length - 1 - j of each text's slot j (negative where the text is shorter)."""
+    return lengths[:, None] - 1 - torch.arange(k)[None]
+
+
+@torch.no_grad()
+def end_activations(
+    model: TransformerBridge, side: Side, names: Sequence[str], k: int
+) -> dict[str, torch.Tensor]:
+    """Each hook's activation at each text's last `k` positions, one cached forward: name ->
+    [b, k, ...] float32 on the CPU, slot j at `end_positions` (position 0 where the text is shorter)."""
+    wanted = set(names)
+    device = model.cfg.device
+    _, cache = model.run_with_cache(
+        side.ids.to(device), attention_mask=side.mask.to(device), names_filter=lambda n: n in wanted
+    )
+    at = end_positions(side.lengths, k).clamp_min(0)
+    rows = torch.arange(len(at))[:, None]
+    return {name: cache[name].float().cpu()[rows, at] for name in names}
+
+
 @torch.no_grad()
 def score_side(
     model: TransformerBridge, side: Side, toxic_ids: torch.Tensor, hooks: Hooks = ()

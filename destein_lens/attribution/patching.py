@@ -30,7 +30,7 @@ from ..activations import hook_name
 from ..errors import DesteinError
 from ..forms import Hooks
 from .effects import Checkpoint, HeadEffects, per_head
-from .heldout import SIDES, Batch, HeldOut, Scores, score
+from .heldout import SIDES, Batch, HeldOut, Scores, end_activations, end_positions, score
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,32 +98,20 @@ def patching_effects(
 @torch.no_grad()
 def _ends(model: TransformerBridge, batch: Batch, k: int) -> _Ends:
     names = [hook_name("heads", layer) for layer in range(model.cfg.n_layers)]
-    device = model.cfg.device
-    z, lengths = {}, {}
+    z = {}
     for side in SIDES:
-        s = batch.side(side)
-        _, cache = model.run_with_cache(
-            s.ids.to(device), attention_mask=s.mask.to(device), names_filter=lambda n: n in names
-        )
-        stacked = torch.stack([cache[n] for n in names], dim=2).cpu()  # [b, p, L, H, d]
-        positions = _end_positions(s.lengths, k)
-        z[side] = stacked[torch.arange(len(positions))[:, None], positions.clamp_min(0)]
-        lengths[side] = s.lengths
-    span = torch.minimum(lengths["toxic"], lengths["nontoxic"]).clamp(max=k)
+        acts = end_activations(model, batch.side(side), names, k)
+        z[side] = torch.stack([acts[n] for n in names], dim=2)  # [b, k, L, H, d]
+    span = torch.minimum(batch.toxic.lengths, batch.nontoxic.lengths).clamp(max=k)
     valid = torch.arange(k)[None] < span[:, None]
     return _Ends(z, valid)
-
-
-def _end_positions(lengths: torch.Tensor, k: int) -> torch.Tensor:
-    """[b, k]: position length - 1 - j of each row's slot j (negative where the text is shorter)."""
-    return lengths[:, None] - 1 - torch.arange(k)[None]
 
 
 def _patch_hook(batch: Batch, side: str, ends: _Ends, layer: int, head: int):
     """Put the twin's head-`head` output into this side's run at the aligned end positions."""
     twin = SIDES[1 - SIDES.index(side)]
     rows, slots = ends.valid.nonzero(as_tuple=True)
-    positions = _end_positions(batch.side(side).lengths, ends.valid.shape[1])[rows, slots]
+    positions = end_positions(batch.side(side).lengths, ends.valid.shape[1])[rows, slots]
     source = ends.z[twin][rows, slots, layer, head]  # [n, d_head]
 
     def hook(z: torch.Tensor, hook) -> torch.Tensor:

@@ -36,7 +36,7 @@ from ..vectors import DetoxVectors
 from .agreement import Agreement, agreement
 from .dla import DirectLogits, direct_logit_attribution
 from .effects import Checkpoint, HeadEffects
-from .heldout import held_out, score
+from .heldout import held_out
 from .patching import patching_effects
 from .report import study_report
 from .selection import (
@@ -161,7 +161,6 @@ def run_study(
         runfolder.claim(out, config)
         _save_vectors(vectors, out)
         held = held_out(model, held_pairs, batch_size=settings.batch_size)
-        base = score(model, held)
         partial = out / ".partial"
         partial.mkdir(exist_ok=True)
 
@@ -176,7 +175,7 @@ def run_study(
 
         def steering(ckpt: Checkpoint) -> dict[str, HeadEffects]:
             alone = steering_effects(
-                model, vectors, held, alpha=settings.alpha, baseline=base, checkpoint=ckpt, progress=progress
+                model, vectors, held, alpha=settings.alpha, checkpoint=ckpt, progress=progress
             )
             rest = Checkpoint(partial / "leave_one_out.safetensors")
             loo = leave_one_out(
@@ -189,9 +188,7 @@ def run_study(
             if name == "patching":
                 run(
                     name,
-                    lambda c: patching_effects(
-                        model, held, k=vectors.k, baseline=base, checkpoint=c, progress=progress
-                    ),
+                    lambda c: patching_effects(model, held, k=vectors.k, checkpoint=c, progress=progress),
                 )
             elif name == "dla":
                 if not (out / "dla.safetensors").exists():
