@@ -4,6 +4,10 @@ Every user error is one line on stderr (`error: ...`) and exit status 2. Each co
 everything it can before the first expensive step (a model load, a vector build, a baseline):
 arguments, input files, output paths, the run folder. An interrupt exits 130 after the stage in
 flight has kept what it already wrote.
+
+`run`, `evaluate`, `compare` and `attribute` also run data-parallel, unchanged, under
+`torchrun --nproc-per-node N -m destein_lens ...` or `accelerate launch -m destein_lens ...`
+(`distributed`): each rank takes its share, rank 0 merges, prints and writes the reports.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from .errors import DesteinError
 
 Command = Callable[[argparse.Namespace], None]
 DEFAULT_SAMPLES = 10
+DATA_PARALLEL = ("run", "evaluate", "compare", "attribute")
 
 
-def _load(args: argparse.Namespace):  # -> TransformerBridge (imported lazily: a slow import)
+def _load(args: argparse.Namespace, dtype=None):  # -> TransformerBridge (imported lazily: a slow import)
     from .models import load_model
 
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, device=args.device, dtype=dtype or args.torch_dtype)
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
-    """--model and --device, without loading anything."""
-    from .models import check_device, check_model_name
+    """--model, --device and --dtype, without loading anything; each rank of a launch on its own GPU."""
+    from .distributed import rank_device
+    from .models import check_device, check_model_name, resolve_dtype
 
-    args.device = check_device(args.device)
+    args.device = check_device(rank_device(args.device))
+    args.torch_dtype = resolve_dtype(args.dtype, args.device, generates=args.generates)
     check_model_name(args.model)
 
 
@@ -137,9 +144,13 @@ def _known_so_far(args: argparse.Namespace, inputs: dict[str, Any], **fields: An
         "eval": inputs["config"].to_dict(),
         "methods": [m.to_dict() for m in inputs["methods"]],
         "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
-        "model": {"name": args.model or DEFAULT_MODEL},
+        "model": {"name": args.model or DEFAULT_MODEL, "dtype": _dtype_name(args)},
         **fields,
     }
+
+
+def _dtype_name(args: argparse.Namespace) -> str:
+    return str(args.torch_dtype).removeprefix("torch.")
 
 
 def _prepare(model, inputs: dict[str, Any]) -> None:
@@ -153,10 +164,13 @@ def _prepare(model, inputs: dict[str, Any]) -> None:
 
 
 def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance: dict) -> None:
+    from .distributed import is_main
     from .evaluation import evaluate
     from .report import text_table, write_report
 
     metrics = evaluate(model, **inputs, out_dir=args.out, vectors=vectors, provenance=provenance)
+    if not is_main():
+        return
     write_report(args.out)
     print(text_table(metrics))
     print(f"run folder: {args.out} (metrics.json, report.md, report.html, prompted_gens_*.jsonl)")
@@ -174,9 +188,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
         runfolder.check_same_run(
             out, _known_so_far(args, inputs, vectors=settings, **provenance), partial=True
         )
-        model = _load(args)
-        _prepare(model, inputs)
-        vectors = _folder_vectors(out, model, vector_inputs, settings, _fits_for(args.form))
+        model, vectors = _model_and_vectors(
+            args, out, vector_inputs, settings, _fits_for(args.form), lambda m: _prepare(m, inputs)
+        )
         _evaluate(args, model, vectors, inputs, provenance)
 
 
@@ -187,18 +201,41 @@ def _fits_for(form: str) -> list[str]:
     return [form] if get_form(form).fit is not None else []
 
 
-def _folder_vectors(out, model, vector_inputs: dict[str, Any], settings: dict[str, Any], fit_forms=()):
-    """The run folder's own vectors: built and saved once, checked against the model on a resume."""
+def _model_and_vectors(
+    args: argparse.Namespace,
+    out,
+    vector_inputs: dict[str, Any],
+    settings: dict[str, Any],
+    fit_forms=(),
+    prepare: Callable[[Any], None] = lambda model: None,
+):
+    """The model in --dtype and the folder's own vectors: built once (rank 0 of a launch) from a
+    float32 forward whatever the generation dtype, saved, and checked against the model on a resume.
+
+    `prepare(model)` runs the checks that need the model before the vectors are built.
+    """
     from pathlib import Path
 
+    import torch
+
+    from .distributed import barrier, is_main
     from .evaluation import vectors_id
     from .vectors import DetoxVectors, build_vectors
 
     vectors_path = Path(out) / "vectors.safetensors"
-    if not vectors_path.exists():
+    build = is_main() and not vectors_path.exists()
+    model = _load(args, torch.float32 if build else None)
+    prepare(model)
+    vectors = None
+    if build:
         vectors = build_vectors(model, **vector_inputs, fit_forms=fit_forms)
         vectors.save(vectors_path)
-        return vectors
+        if args.torch_dtype != torch.float32:
+            del model
+            model = _load(args)
+    barrier()  # the other ranks load what rank 0 built
+    if vectors is not None:
+        return model, vectors
     vectors = DetoxVectors.load(vectors_path, model=model)
     found = {key: vectors_id(vectors)[key] for key in settings}
     if found != settings:
@@ -207,12 +244,13 @@ def _folder_vectors(out, model, vector_inputs: dict[str, Any], settings: dict[st
         )
     for form in fit_forms:
         vectors.fit(form)
-    return vectors
+    return model, vectors
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     from . import runfolder
     from .compare import check_calibration, compare, parse_methods, parse_strengths
+    from .distributed import is_main
     from .evaluation import BASELINE, eval_config, prompts_sha
     from .figures import compare_figures
     from .files import check_out_dir
@@ -242,15 +280,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         known = {
             "eval": config.to_dict(),
             "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
-            "model": {"name": args.model or DEFAULT_MODEL},
+            "model": {"name": args.model or DEFAULT_MODEL, "dtype": _dtype_name(args)},
             **provenance,
         }
         runfolder.check_same_run(out, known, partial=True)
-        model = _load(args)
-        _prepare(model, {"methods": [BASELINE], "prompts": prompts, "config": config})
-        if calibration is not None:
-            _prepare(model, {"methods": [BASELINE], "prompts": calibration, "config": config})
-        vectors = _folder_vectors(out, model, vector_inputs, settings, fit_forms)
+
+        def prepare(model) -> None:
+            for checked in (prompts, calibration or []):
+                _prepare(model, {"methods": [BASELINE], "prompts": checked, "config": config})
+
+        model, vectors = _model_and_vectors(args, out, vector_inputs, settings, fit_forms, prepare)
         metrics = compare(
             model,
             vectors,
@@ -264,6 +303,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             scorer=scorer,
             provenance=provenance,
         )
+        if not is_main():
+            return
         write_report(out)
         compare_figures(out)
     print(text_table(metrics))
@@ -333,6 +374,7 @@ def _cmd_figures(args: argparse.Namespace) -> None:
 def _cmd_attribute(args: argparse.Namespace) -> None:
     from .attribution import StudySettings, parse_studies, run_study
     from .attribution.study import held_out_pairs
+    from .distributed import is_main
     from .figures import attribution_figures
     from .files import check_out_dir
     from .prompts import load_prompts
@@ -350,10 +392,11 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)  # part of the folder's identity
     check_out_dir(args.out)
     _check_model_args(args)
-    model = _load(args)
     _, vector_settings = _vector_settings(args, vector_inputs["pairs"])
-    vectors = _folder_vectors(args.out, model, vector_inputs, vector_settings)
+    model, vectors = _model_and_vectors(args, args.out, vector_inputs, vector_settings)
     run_study(model, vectors, held, args.out, studies=studies, settings=settings, prompts=prompts)
+    if not is_main():
+        return
     paths = attribution_figures(args.out)
     print(f"wrote {args.out}/report.md and {len(paths)} figure files in {args.out}/figures")
 
@@ -362,7 +405,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="HF id, local HF folder or .gguf file (default: gemma-3-270m)"
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda if available, else cpu; under torchrun: the rank's LOCAL_RANK GPU)",
+    )
+    from .models import DTYPES
+
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="model dtype (auto: bfloat16 to generate where the hardware multiplies bf16, else float32; "
+        "vectors and probes are always built in float32)",
+    )
 
 
 def _add_vector_options(p: argparse.ArgumentParser) -> None:
@@ -425,13 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate, generates=True)
 
     p = sub.add_parser("vectors", help="build detox vectors from steering pairs")
     _add_model_options(p)
     _add_vector_options(p)
     p.add_argument("--out", required=True, help="output path (.safetensors + .json sidecar)")
-    p.set_defaults(func=_cmd_vectors)
+    p.set_defaults(func=_cmd_vectors, generates=False)
 
     pairs = sub.add_parser("pairs", help="steering pairs").add_subparsers(dest="pairs_command", required=True)
     p = pairs.add_parser("induce", help="let the model write new steering pairs from few-shot seeds")
@@ -441,13 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="profanity-check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output JSONL")
-    p.set_defaults(func=_cmd_induce)
+    p.set_defaults(func=_cmd_induce, generates=True)
 
     p = sub.add_parser("run", help="the whole pipeline: vectors, baseline vs DeStein, report")
     _add_model_options(p)
     _add_vector_options(p)
     _add_eval_options(p)
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, generates=True)
 
     p = sub.add_parser(
         "compare", help="DeStein vs the training-free baselines: (method, strength) cells on the same draws"
@@ -478,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare", help="compare folder (resumable)")
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, generates=True)
 
     p = sub.add_parser(
         "attribute", help="head attribution studies: which heads carry toxicity, with intervals"
@@ -506,13 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="continuations per prompt in the selection's runs")
     p.add_argument("--batch-size", type=int, default=16, help="held-out pairs per forward")
     p.add_argument("--out", default="runs/attribution", help="study folder (resumable)")
-    p.set_defaults(func=_cmd_attribute)
+    p.set_defaults(func=_cmd_attribute, generates=False)
 
     p = sub.add_parser("evaluate", help="evaluate saved vectors on a prompt file")
     _add_model_options(p)
     p.add_argument("--vectors", required=True, help="a .safetensors vector file (with its .json)")
     _add_eval_options(p)
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=_cmd_evaluate, generates=True)
 
     p = sub.add_parser("figures", help="regenerate every figure (HTML + PNG) and its README")
     _add_model_options(p)
@@ -532,15 +588,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="attribution study folders (no model needed); several, one per model, add cross-model views",
     )
-    p.set_defaults(func=_cmd_figures)
+    p.set_defaults(func=_cmd_figures, generates=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if distributed.launched() and args.command not in DATA_PARALLEL:
+            raise DesteinError(
+                f"`{args.command}` does not run data-parallel; start it without torchrun/accelerate "
+                f"(data-parallel commands: {', '.join(DATA_PARALLEL)})"
+            )
+        distributed.setup()
         args.func(args)
+        distributed.teardown()
     except DesteinError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

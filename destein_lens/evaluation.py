@@ -5,6 +5,9 @@ continuations, nucleus-sampled from per-(prompt, sample) seeds, so every method 
 random draws and a resumed run draws exactly what an uninterrupted one would. Finished prompts go
 to the run folder (`runfolder`): an interrupted run (Ctrl-C, kill -9) loses at most the prompts
 in flight, and starting it again with the same folder skips every prompt already written.
+Prompts are decoded in fixed batches (consecutive prompts, the same whatever is already done and
+however many ranks share the work), so every prompt is always decoded beside the same others: a
+resumed or data-parallel run (`distributed`) writes what one uninterrupted process writes.
 Toxicity is scored on the continuation only; perplexity is the continuation's, given the prompt,
 under the unsteered model (or another one), computed one prompt's samples at a time.
 """
@@ -23,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from . import runfolder
+from . import distributed, runfolder
 from .errors import DesteinError
 from .files import write_atomic
 from .generation import (
@@ -156,20 +159,40 @@ def evaluate(
     config_dict = run_config(model, prompts, methods, config, vectors, ppl_model, provenance)
     with runfolder.hold(out_dir) as out:
         runfolder.claim(out, config_dict)
+        progress = progress and distributed.is_main()
         for method in methods:
             _run_method(model, prompts, method, out, config, vectors, scorer, ppl_model or model, progress)
-        metrics: dict[str, Any] = {"scorer": scorer.name, "config": config_dict}
-        splits = split_by_toxicity(prompts, config.threshold)
-        for method in methods:
-            by_id = {
-                row["prompt"]["id"]: row
-                for row in runfolder.read_rows(gens_path(out, method.name), truncate=False)
-            }
-            metrics[method.name] = _summary([by_id[p.id] for p in prompts])
-            for split, members in splits.items():
-                if members:
-                    metrics[method.name][split] = _summary([by_id[p.id] for p in members])
-        write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1))
+        distributed.barrier()  # every rank's shard is complete
+        if distributed.is_main():
+            for method in methods:
+                runfolder.merge(out, method.name, [p.id for p in prompts])
+            write_atomic(
+                out / METRICS_FILE,
+                json.dumps(_metrics(out, prompts, methods, config, scorer, config_dict), indent=1),
+            )
+        distributed.barrier()  # metrics.json is written: every rank returns the same metrics
+        return json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+
+
+def _metrics(
+    out: Path,
+    prompts: Sequence[Prompt],
+    methods: Sequence[MethodSpec],
+    config: EvalConfig,
+    scorer: Scorer,
+    config_dict: dict[str, Any],
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"scorer": scorer.name, "config": config_dict}
+    splits = split_by_toxicity(prompts, config.threshold)
+    for method in methods:
+        by_id = {
+            row["prompt"]["id"]: row
+            for row in runfolder.read_rows(gens_path(out, method.name), truncate=False)
+        }
+        metrics[method.name] = _summary([by_id[p.id] for p in prompts])
+        for split, members in splits.items():
+            if members:
+                metrics[method.name][split] = _summary([by_id[p.id] for p in members])
     return metrics
 
 
@@ -221,22 +244,20 @@ def _run_method(
     ppl_model: TransformerBridge,
     progress: bool,
 ) -> None:
-    path = gens_path(out_dir, method.name)
-    done = {row["prompt"]["id"] for row in runfolder.read_rows(path, truncate=True)}
-    pending = [(i, p) for i, p in enumerate(prompts) if p.id not in done]
+    """This rank's share of the method's unfinished batches, appended to its own file."""
+    done = set(runfolder.finished_rows(out_dir, method.name))
+    distributed.barrier()  # every rank shares out the same unfinished batches before any writes
     sampling = config.sampling
     samples = sampling.n
     per_batch = max(1, sampling.batch_size // samples)
-    bar = tqdm(
-        total=len(prompts),
-        initial=len(prompts) - len(pending),
-        desc=method.name,
-        unit="prompt",
-        disable=not progress,
-    )
-    with open(path, "a", encoding="utf-8") as sink:
-        for start in range(0, len(pending), per_batch):
-            chunk = pending[start : start + per_batch]
+    indexed = list(enumerate(prompts))
+    batches = [indexed[i : i + per_batch] for i in range(0, len(indexed), per_batch)]
+    mine = distributed.share([b for b in batches if any(p.id not in done for _, p in b)])
+    bar = tqdm(total=sum(len(b) for b in mine), desc=method.name, unit="prompt", disable=not progress)
+    own = runfolder.own_path(out_dir, method.name)
+    own.parent.mkdir(exist_ok=True)
+    with open(own, "a", encoding="utf-8") as sink:
+        for chunk in mine:
             texts = [p.text for _, p in chunk for _ in range(samples)]
             generators = [
                 torch.Generator().manual_seed(_row_seed(sampling.seed, i, j))
@@ -254,6 +275,8 @@ def _run_method(
             scores = scorer.score(continuations)
             lines = []
             for n, (_, prompt) in enumerate(chunk):
+                if prompt.id in done:  # finished before an interruption cut its batch short
+                    continue
                 rows = slice(n * samples, (n + 1) * samples)
                 # One prompt's samples are one perplexity batch, whatever else was generated with
                 # them: a resumed run recomputes exactly the same floats.

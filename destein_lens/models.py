@@ -126,6 +126,34 @@ def check_device(device: str | None) -> str:
     return str(parsed)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str, device: str, *, generates: bool) -> torch.dtype:
+    """The dtype `--dtype name` means on `device`.
+
+    "auto" is bfloat16 for commands that generate, on hardware with bfloat16 matrix units (CUDA
+    with bf16, CPUs with AMX or AVX512-BF16), where benchmarks/bench_roofline.py measured the main
+    job's metrics unchanged within their noise; float32 everywhere else, and always for what must
+    be exact (vectors and probes are built in float32 whatever the generation dtype).
+    """
+    if name not in DTYPES:
+        raise DesteinError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if generates and fast_bfloat16(device) else torch.float32
+
+
+def fast_bfloat16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (emulated bf16 is slower than fp32)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
 def check_model_name(name: str | Path | None) -> str:
     """The name `load_model` will load (None: the default), checked as far as it can be cheaply.
 

@@ -5,6 +5,11 @@ A run folder holds `config.json` (what the run is), one `prompted_gens_<method>.
 process that writes to it holds an exclusive `flock` on `.lock` for its whole life: the kernel
 drops the lock when the process dies, however it dies, so a killed run never leaves the folder
 stuck, and a second writer is refused at once instead of doing the work twice.
+
+Under a data-parallel launch (`distributed`) rank 0 holds the lock for the whole launch and every
+rank appends to its own shard, `.shards/<method>.rank<r>.jsonl`; `merge` folds the shards into
+the generations file, in prompt order, exactly as a single process writes it. A folder resumes
+with any number of ranks: what is finished is read from the generations file and every shard.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import DesteinError
 from .files import check_out_dir, write_atomic
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
+SHARDS_DIR = ".shards"
 _HELD: dict[Path, int] = {}  # folders this process holds, with nesting depth (flock is per open file)
 
 
@@ -30,9 +37,50 @@ def gens_path(out_dir: Path, method: str) -> Path:
     return out_dir / f"prompted_gens_{method}.jsonl"
 
 
+def shard_path(out_dir: Path, method: str, rank: int) -> Path:
+    return out_dir / SHARDS_DIR / f"{method}.rank{rank}.jsonl"
+
+
+def own_path(out_dir: Path, method: str) -> Path:
+    """Where this process appends its finished prompts: the generations file, or its rank's shard."""
+    if distributed.world_size() == 1:
+        return gens_path(out_dir, method)
+    return shard_path(out_dir, method, distributed.rank())
+
+
+def finished_rows(out_dir: Path, method: str) -> dict[str, dict[str, Any]]:
+    """Every finished prompt's row, by prompt id, from the generations file and all shards.
+
+    Only this process's own file has a half-written last line cut off; the others' are read up
+    to their last complete line (their writers may still be appending).
+    """
+    own = own_path(out_dir, method)
+    paths = [gens_path(out_dir, method), *sorted((out_dir / SHARDS_DIR).glob(f"{method}.rank*.jsonl"))]
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for row in read_rows(path, truncate=path == own):
+            rows.setdefault(row["prompt"]["id"], row)
+    return rows
+
+
+def merge(out_dir: Path, method: str, prompt_ids: list[str]) -> None:
+    """Fold the shards into the generations file, one line per prompt in `prompt_ids` order."""
+    rows = finished_rows(out_dir, method)
+    missing = [i for i in prompt_ids if i not in rows]
+    if missing:
+        raise DesteinError(f"{out_dir}: {len(missing)} prompts of {method} unfinished (first: {missing[0]})")
+    lines = "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in prompt_ids)
+    write_atomic(gens_path(out_dir, method), lines)
+    for shard in (out_dir / SHARDS_DIR).glob(f"{method}.rank*.jsonl"):
+        shard.unlink()
+
+
 @contextmanager
 def hold(out_dir: str | Path) -> Iterator[Path]:
-    """Be the folder's only writer inside the block; refuse at once if another process is."""
+    """Be the folder's only writer inside the block; refuse at once if another process is.
+
+    Under a launch, rank 0 holds the lock for all ranks, and the others start only once it does.
+    """
     out_dir = check_out_dir(out_dir)
     key = out_dir.resolve()
     if key in _HELD:
@@ -43,6 +91,18 @@ def hold(out_dir: str | Path) -> Iterator[Path]:
             _HELD[key] -= 1
         return
     out_dir.mkdir(parents=True, exist_ok=True)
+    fd = _lock(out_dir) if distributed.is_main() else None
+    distributed.barrier()
+    _HELD[key] = 1
+    try:
+        yield out_dir
+    finally:
+        del _HELD[key]
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def _lock(out_dir: Path) -> int:
     fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -55,12 +115,7 @@ def hold(out_dir: str | Path) -> Iterator[Path]:
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD[key] = 1
-    try:
-        yield out_dir
-    finally:
-        del _HELD[key]
-        os.close(fd)  # releases the flock
+    return fd
 
 
 def read_config(out_dir: Path) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
 
+from .. import distributed
 from ..errors import DesteinError
 from ..files import write_atomic
 
@@ -97,18 +98,34 @@ class Checkpoint:
 
     A study runs one forward per head per batch of pairs; on two CPU cores that is minutes, so
     a killed study resumes from its last flush instead of from zero. `path` None keeps it in memory.
+    Under a data-parallel launch each rank flushes to its own `<stem>.rank<r>.safetensors` and
+    reads everyone's, so a study resumes with any number of ranks.
     """
 
     def __init__(self, path: Path | None, *, every: float = 20.0) -> None:
         self.path = path
         self.every = every
         self.cells: dict[str, torch.Tensor] = {}
-        if path is not None and path.exists():
-            try:
-                self.cells = load_file(path)
-            except (OSError, SafetensorError):  # written atomically, so only a foreign file: redo
-                self.cells = {}
+        self._read()
         self._last = time.monotonic()
+
+    def _files(self) -> list[Path]:
+        if self.path is None:
+            return []
+        return [self.path, *sorted(self.path.parent.glob(f"{self.path.stem}.rank*.safetensors"))]
+
+    def _own(self) -> Path | None:
+        if self.path is None or distributed.world_size() == 1:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}.rank{distributed.rank()}.safetensors")
+
+    def _read(self) -> None:
+        for path in self._files():
+            if path.exists():
+                try:
+                    self.cells = load_file(path) | self.cells
+                except (OSError, SafetensorError):  # written atomically, so only a foreign file: redo
+                    pass
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self.cells:
@@ -118,14 +135,26 @@ class Checkpoint:
         return self.cells[key]
 
     def flush(self) -> None:
-        if self.path is not None and self.cells:
-            write_atomic(self.path, save(self.cells))
+        own = self._own()
+        if own is not None and self.cells:
+            write_atomic(own, save(self.cells))
         self._last = time.monotonic()
+
+    def gather(self) -> None:
+        """Every rank's cells, once every rank has finished its share (nothing to do alone)."""
+        if distributed.world_size() == 1:
+            return
+        if self.path is None:
+            raise DesteinError("a data-parallel study needs an on-disk checkpoint to share its cells")
+        self.flush()
+        distributed.barrier()
+        self._read()
+        distributed.barrier()  # no rank clears the files before all have read them
 
     def clear(self) -> None:
         """The study finished and saved its result: its cells are no longer needed."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        for path in self._files():
+            path.unlink(missing_ok=True)
 
 
 def per_head(
@@ -135,10 +164,14 @@ def per_head(
     desc: str,
     progress: bool,
 ) -> torch.Tensor:
-    """`cell(layer, head)` -> [m, n_pairs] for every head, resumed from `ckpt`: [m, L, H, n_pairs]."""
+    """`cell(layer, head)` -> [m, n_pairs] for every head, resumed from `ckpt`: [m, L, H, n_pairs].
+
+    Under a launch each rank computes its share of the unfinished heads, then all gather them.
+    """
     heads = list(itertools.product(range(shape[0]), range(shape[1])))
-    rows = [
+    todo = distributed.share([(layer, head) for layer, head in heads if f"{layer}.{head}" not in ckpt.cells])
+    for layer, head in tqdm(todo, desc=desc, unit="head", disable=not progress or not distributed.is_main()):
         ckpt.get_or_compute(f"{layer}.{head}", lambda layer=layer, head=head: cell(layer, head))
-        for layer, head in tqdm(heads, desc=desc, unit="head", disable=not progress)
-    ]
+    ckpt.gather()
+    rows = [ckpt.cells[f"{layer}.{head}"] for layer, head in heads]
     return torch.stack(rows, dim=1).unflatten(1, shape)

@@ -16,6 +16,7 @@ pair thus enters the curve once, scored out of sample.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from .. import distributed
 from ..errors import DesteinError
 from ..evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
 from ..files import write_atomic
@@ -137,26 +139,43 @@ def selection_curves(
     progress: bool = True,
 ) -> SelectionCurves:
     """Steer each order's top k heads for every k of `curve_ks`, fold by fold with that fold's
-    orders; the pairs come out in fold order. Identical head sets on a fold run once."""
+    orders; the pairs come out in fold order. Identical head sets on a fold run once; under a
+    launch each rank steers its share of the sets."""
     n_layers, n_heads = vectors.shape
     ks = curve_ks(n_layers * n_heads, ks)
     rankers = list(orders[0])
     ckpt = checkpoint or Checkpoint(None)
-    effects = []
-    for f, (held, fold_orders) in enumerate(zip(folds, orders)):
-        base = ckpt.get_or_compute(f"{f}.base", lambda held=held: score(model, held).gap)
-        effect = torch.zeros(len(rankers), len(ks), len(held))
-        cells = [(r, i) for r in range(len(rankers)) for i in range(len(ks))]
-        for r, i in tqdm(
-            cells, desc=f"selection (fold {f + 1}/{len(folds)})", unit="set", disable=not progress
-        ):
+    keys: dict[tuple[int, int, int], str] = {}  # (fold, ranker, k index) -> the cell of its head set
+    sets: dict[str, tuple[int, list[tuple[int, int]]]] = {}  # cell -> (fold, heads)
+    for f, fold_orders in enumerate(orders):
+        sets[f"{f}.base"] = (f, [])
+        for r, i in itertools.product(range(len(rankers)), range(len(ks))):
             heads = sorted(fold_orders[rankers[r]][: ks[i]])
-            key = f"{f}." + hashlib.sha256(repr(heads).encode()).hexdigest()[:16]
-            gap = ckpt.get_or_compute(
-                key, lambda held=held, heads=heads: steered_scores(model, vectors, held, heads, alpha).gap
-            )
-            effect[r, i] = base - gap
-        effects.append(effect)
+            keys[f, r, i] = f"{f}." + hashlib.sha256(repr(heads).encode()).hexdigest()[:16]
+            sets[keys[f, r, i]] = (f, heads)
+    todo = distributed.share([key for key in sets if key not in ckpt.cells])
+    for key in tqdm(todo, desc="selection", unit="set", disable=not progress or not distributed.is_main()):
+        f, heads = sets[key]
+        ckpt.get_or_compute(
+            key,
+            lambda f=f, heads=heads: (
+                (
+                    steered_scores(model, vectors, folds[f], heads, alpha)
+                    if heads
+                    else score(model, folds[f])
+                ).gap
+            ),
+        )
+    ckpt.gather()
+    effects = [
+        torch.stack(
+            [
+                torch.stack([ckpt.cells[f"{f}.base"] - ckpt.cells[keys[f, r, i]] for i in range(len(ks))])
+                for r in range(len(rankers))
+            ]
+        )
+        for f in range(len(folds))
+    ]
     return SelectionCurves(tuple(rankers), ks, torch.cat(effects, dim=-1), list(orders), float(alpha))
 
 

@@ -1,0 +1,155 @@
+"""Data-parallel runs under a real `torchrun` launch (gloo, CPU processes) on the tiny model.
+
+A launch must write what one process writes: the same run folder, byte-identical texts and the
+same floats within tolerance (the ranks run one thread each, the single process two). kill -9
+of one rank loses no finished prompt, and a folder started with 2 ranks resumes with 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from destein_lens.pairs import builtin_seed_pairs
+from destein_lens.runfolder import SHARDS_DIR, gens_path
+
+RUN = ["run", "--k", "4", "--samples", "2", "--batch-size", "2", "--dtype", "float32"]
+METHODS = ("baseline", "destein")
+DRIVER = """
+import sys
+from destein_lens import cli, figures
+saver = figures._Saver
+figures._Saver = lambda out, formats: saver(out, ("html",))  # PNG export is test_figures' subject
+cli.main(sys.argv[1:])
+"""
+
+
+def _launch(n: int, *args: str, driver: Path | None = None) -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node n -m destein_lens args` (or a driver script)."""
+    target = [str(driver)] if driver else ["-m", "destein_lens"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    return subprocess.Popen([*cmd, *target, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _single(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "destein_lens", *args], capture_output=True, text=True)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Texts, prompts and order identical; toxicity and perplexity within float tolerance."""
+    assert not (a / SHARDS_DIR).exists() or not any((a / SHARDS_DIR).iterdir())
+    for method in METHODS:
+        rows_a, rows_b = (
+            [json.loads(x) for x in gens_path(d, method).read_text().splitlines()] for d in (a, b)
+        )
+        assert [r["prompt"] for r in rows_a] == [r["prompt"] for r in rows_b]
+        for ra, rb in zip(rows_a, rows_b):
+            assert [g["text"] for g in ra["generations"]] == [g["text"] for g in rb["generations"]]
+            for ga, gb in zip(ra["generations"], rb["generations"]):
+                assert ga["toxicity"] == pytest.approx(gb["toxicity"], rel=1e-6)
+                assert ga["perplexity"] == pytest.approx(gb["perplexity"], rel=1e-4)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["config"] == mb["config"]
+    for method in METHODS:
+        for key, value in ma[method].items():
+            if isinstance(value, float):
+                assert value == pytest.approx(mb[method][key], rel=1e-4, nan_ok=True), key
+    va, vb = (load_file(d / "vectors.safetensors") for d in (a, b))
+    for name in va:
+        assert va[name].allclose(vb[name], atol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    done = _single(*RUN, "--model", str(tiny_model_dir), "--max-prompts", "40", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_two_ranks_write_what_one_process_writes(tiny_model_dir, single_run, tmp_path) -> None:
+    out = tmp_path / "two"
+    done = _finish(_launch(2, *RUN, "--model", str(tiny_model_dir), "--max-prompts", "40", "--out", str(out)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(out, single_run)
+    assert done.stdout.count("run folder:") == 1  # rank 0 alone prints and writes the report
+    assert (out / "report.md").exists()
+
+
+def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """The launch's worker processes by RANK (children of the torchrun agent)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    ranks = {}
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [v for v in env if v.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = int(pid)
+    return ranks
+
+
+def test_kill_9_of_one_rank_then_resume_with_more_ranks(tiny_model_dir, single_run, tmp_path) -> None:
+    out = tmp_path / "killed"
+    args = [*RUN, "--model", str(tiny_model_dir), "--max-prompts", "40", "--out", str(out)]
+    launcher = _launch(2, *args)
+    shard = out / SHARDS_DIR / "baseline.rank1.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not shard.exists() or shard.read_bytes().count(b"\n") < 2):
+        time.sleep(0.02)
+    os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
+    killed = _finish(launcher)
+    assert killed.returncode != 0 and not (out / "metrics.json").exists()
+    kept = {
+        json.loads(line)["prompt"]["id"]: line
+        for path in (out / SHARDS_DIR).glob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if line.endswith("}")
+    }
+    assert len(kept) >= 2
+    resumed = _finish(_launch(3, *args))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(out, single_run)
+    merged = {json.loads(x)["prompt"]["id"]: x for x in gens_path(out, "baseline").read_text().splitlines()}
+    assert all(merged[i] == line for i, line in kept.items())  # finished prompts were kept, not redone
+
+
+def test_attribution_heads_shared_between_ranks(tiny_model_dir, tmp_path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    builtin_seed_pairs().head(30).to_jsonl(pairs)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = ["attribute", "--model", str(tiny_model_dir), "--pairs", str(pairs), "--k", "4", "--held-out"]
+    args += ["builtin", "--n-held-out", "4", "--study", "patching,steering,selection", "--max-prompts", "2"]
+    one = subprocess.run(
+        [sys.executable, str(driver), *args, "--out", str(tmp_path / "one")], capture_output=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _finish(_launch(2, *args, "--out", str(tmp_path / "two"), driver=driver))
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("patching", "steering", "leave_one_out", "selection"):
+        a, b = (load_file(tmp_path / d / f"{name}.safetensors") for d in ("one", "two"))
+        for key in a:
+            assert a[key].allclose(b[key], rtol=1e-4, atol=1e-5), (name, key)
+    assert not list((tmp_path / "two" / ".partial").glob("*.safetensors"))
+    assert (tmp_path / "two" / "report.md").read_text() == (tmp_path / "one" / "report.md").read_text()
+
+
+def test_commands_that_do_not_run_data_parallel_are_refused(tiny_model_dir, tmp_path) -> None:
+    done = _finish(_launch(2, "vectors", "--model", str(tiny_model_dir), "--out", str(tmp_path / "v")))
+    assert done.returncode != 0
+    assert "error: `vectors` does not run data-parallel" in done.stderr
