@@ -61,11 +61,19 @@ PROMPTS = [
 # ----------------------------------------------------------------------------- worker side
 
 
+def _sync(device: str) -> None:
+    """GPU work is asynchronous: wait for it before reading the clock."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def worker(kind: str, threads: int, entry: str | None) -> None:
+def worker(kind: str, threads: int, entry: str | None, device: str = "cpu") -> None:
     """Serve timed generation requests as JSON lines; library chatter goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by libraries must not corrupt the protocol
@@ -82,7 +90,7 @@ def worker(kind: str, threads: int, entry: str | None) -> None:
         from destein_lens.generation import SamplingConfig, generate_ids
         from destein_lens.models import gguf_entry_dir, load_record
 
-        model = destein_lens.load_model(device="cpu")
+        model = destein_lens.load_model(device=device)
         tokenizer = model.tokenizer
         entry = str(gguf_entry_dir(load_record(model).file_sha256))
 
@@ -90,17 +98,19 @@ def worker(kind: str, threads: int, entry: str | None) -> None:
             cfg = SamplingConfig(
                 do_sample=sample, top_p=0.9 if sample else None, max_new_tokens=new, seed=seed
             )
-            return generate_ids(model, prompts, cfg)
+            new = generate_ids(model, prompts, cfg)
+            _sync(device)
+            return new
 
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(entry)
-        model = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32).eval().to(device)
 
         @torch.no_grad()
         def run(prompts: list[str], sample: bool, seed: int, new: int) -> torch.Tensor:
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
             kwargs = (
                 dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.0) if sample else dict(do_sample=False)
             )
@@ -113,6 +123,7 @@ def worker(kind: str, threads: int, entry: str | None) -> None:
                 use_cache=True,
                 **kwargs,
             )
+            _sync(device)
             return out[:, enc.input_ids.shape[1] :]
 
     reply(
@@ -157,9 +168,12 @@ def worker(kind: str, threads: int, entry: str | None) -> None:
 
 
 class Worker:
-    def __init__(self, kind: str, threads: int, log: Path, entry: str | None = None) -> None:
+    def __init__(
+        self, kind: str, threads: int, log: Path, entry: str | None = None, device: str = "cpu"
+    ) -> None:
         self.kind, self.log = kind, log
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--threads", str(threads)]
+        cmd += ["--device", device]
         if entry:
             cmd += ["--entry", entry]
         self.stderr = open(log, "w")
@@ -255,11 +269,12 @@ def main() -> None:
     parser.add_argument(
         "--target", type=float, default=0.8, help="pass if ours / hf tokens/s >= this (default 0.8)"
     )
+    parser.add_argument("--device", default="cpu", help="torch device of both models (default cpu)")
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--entry", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.threads, args.entry)
+        worker(args.worker, args.threads, args.entry, args.device)
         return
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
@@ -267,8 +282,8 @@ def main() -> None:
     ours = hf = None
     try:
         # ours first: it loads the model (building the cache if needed) and names the cache folder
-        ours = Worker("ours", args.threads, logdir / "ours.log")
-        hf = Worker("hf", args.threads, logdir / "hf.log", entry=ours.ready["entry"])
+        ours = Worker("ours", args.threads, logdir / "ours.log", device=args.device)
+        hf = Worker("hf", args.threads, logdir / "hf.log", entry=ours.ready["entry"], device=args.device)
         load_rss = ours.ready["peak_rss_mib"]
         print(
             f"loaded: ours {ours.ready['load_s']:.1f} s (peak RSS {load_rss:.0f} MiB), "

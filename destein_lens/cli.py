@@ -464,7 +464,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
         help="; ".join(f"{f.name}: {f.summary}" for f in FORMS.values()),
     )
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="run folder (resumable)")
 
@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-calibration-prompts", type=int, default=None)
     p.add_argument("--scorer", default="profanity-check")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare", help="compare folder (resumable)")
     p.set_defaults(func=_cmd_compare, generates=True)

@@ -9,7 +9,8 @@ Prompts are decoded in fixed batches (consecutive prompts, the same whatever is 
 however many ranks share the work), so every prompt is always decoded beside the same others: a
 resumed or data-parallel run (`distributed`) writes what one uninterrupted process writes.
 Toxicity is scored on the continuation only; perplexity is the continuation's, given the prompt,
-under the unsteered model (or another one), computed one prompt's samples at a time.
+under the unsteered model (or another one), one pass per decoding batch; the unsteered model's
+own samples take it from their decoding steps instead (`perplexity.perplexity_from_steps`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from .generation import (
     check_prompt_lengths,
     decode_continuations,
     generate_ids,
+    generate_scored,
     protocol_sampling,
 )
 from .metrics import summarise
 from .models import load_record
-from .perplexity import conditional_perplexity
+from .perplexity import conditional_perplexity, perplexity_from_steps
 from .prompts import Prompt, split_by_toxicity
 from .runfolder import METRICS_FILE, gens_path
 from .scoring import Scorer, get_scorer
@@ -244,7 +246,11 @@ def _run_method(
     ppl_model: TransformerBridge,
     progress: bool,
 ) -> None:
-    """This rank's share of the method's unfinished batches, appended to its own file."""
+    """This rank's share of the method's unfinished batches, appended to its own file.
+
+    The unsteered model's perplexity of its own samples comes from its decoding steps.
+    """
+    reuse = not method.steering.steered and ppl_model is model
     done = set(runfolder.finished_rows(out_dir, method.name))
     distributed.barrier()  # every rank shares out the same unfinished batches before any writes
     sampling = config.sampling
@@ -270,17 +276,33 @@ def _run_method(
                 else contextlib.nullcontext()
             )
             with steering:
-                new_ids = generate_ids(model, texts, sampling, generators)
+                if reuse:
+                    new_ids, logprobs = generate_scored(model, texts, sampling, generators)
+                else:
+                    new_ids = generate_ids(model, texts, sampling, generators)
             continuations = decode_continuations(model, new_ids)
             scores = scorer.score(continuations)
+            ppl: list[float | None] = [None] * len(texts)
+            if reuse:
+                ppl = perplexity_from_steps(model.tokenizer, texts, continuations, new_ids, logprobs)
+            # The whole batch, done or not, is one perplexity pass: a resumed run recomputes
+            # exactly the same floats.
+            redo = [i for i, x in enumerate(ppl) if x is None]
+            if redo:
+                passed = conditional_perplexity(
+                    ppl_model,
+                    [texts[i] for i in redo],
+                    [continuations[i] for i in redo],
+                    batch_size=len(redo),
+                )
+                for i, x in zip(redo, passed):
+                    ppl[i] = x
             lines = []
             for n, (_, prompt) in enumerate(chunk):
                 if prompt.id in done:  # finished before an interruption cut its batch short
                     continue
                 rows = slice(n * samples, (n + 1) * samples)
-                # One prompt's samples are one perplexity batch, whatever else was generated with
-                # them: a resumed run recomputes exactly the same floats.
-                ppls = conditional_perplexity(ppl_model, texts[rows], continuations[rows], batch_size=samples)
+                ppls = ppl[rows]
                 lines.append(
                     {
                         "prompt": {"text": prompt.text, "toxicity": prompt.toxicity, "id": prompt.id},

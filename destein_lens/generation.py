@@ -27,7 +27,7 @@ from .errors import DesteinError
 from .positions import token_window
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
-_NUCLEUS_START = 1024  # candidates first tried for the nucleus; p = 0.9 nuclei rarely exceed it
+_CANDIDATE_MIN = 1e-5  # nucleus candidates: tokens this probable (a few thousand at most)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,6 @@ def generate(
     return [out[j * config.n : (j + 1) * config.n] for j in range(len(prompts))]
 
 
-@torch.no_grad()
 def generate_ids(
     model: TransformerBridge,
     texts: Sequence[str],
@@ -94,6 +93,32 @@ def generate_ids(
     only, not on what else shares the batch (the evaluation harness seeds per prompt and sample,
     so runs resume and methods compare on identical random draws).
     """
+    return _decode(model, texts, config, generator, logprobs=False)[0]
+
+
+def generate_scored(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    config: SamplingConfig,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate_ids`, plus each new token's log-probability under the model's own distribution
+    (before temperature, top-k or top-p; 0 after EOS): the unsteered model's perplexity of what it
+    wrote, without a second forward over the continuations (`perplexity.perplexity_from_steps`)."""
+    ids, logprobs = _decode(model, texts, config, generator, logprobs=True)
+    assert logprobs is not None
+    return ids, logprobs
+
+
+@torch.no_grad()
+def _decode(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    config: SamplingConfig,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    *,
+    logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     check_prompt_texts(texts)
     tokenizer = model.tokenizer
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
@@ -109,6 +134,7 @@ def generate_ids(
     cache = DynamicCache() if config.use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
+    new_logprobs: list[torch.Tensor] = []
     step_ids, start = ids, 0
     for _ in range(config.max_new_tokens):
         with token_window(start, prompt_len):
@@ -129,6 +155,9 @@ def generate_ids(
             token = next_logits.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad), token)
         new_tokens.append(token)
+        if logprobs:
+            picked = next_logits.gather(-1, token[:, None]).squeeze(-1) - next_logits.logsumexp(-1)
+            new_logprobs.append(picked.masked_fill(finished, 0.0))
         finished |= token == eos
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -140,7 +169,11 @@ def generate_ids(
             step_ids = ids
     new = torch.stack(new_tokens, dim=1)
     fill = torch.full((batch, config.max_new_tokens - new.shape[1]), pad, dtype=new.dtype, device=device)
-    return torch.cat([new, fill], dim=1)
+    ids = torch.cat([new, fill], dim=1)
+    if not logprobs:
+        return ids, None
+    scored = torch.stack(new_logprobs, dim=1).cpu()
+    return ids, torch.cat([scored, torch.zeros(batch, fill.shape[1])], dim=1)
 
 
 def decode_continuations(model: TransformerBridge, new_ids: torch.Tensor) -> list[str]:
@@ -159,33 +192,38 @@ def _sample(
 ) -> torch.Tensor:
     """One token per row: temperature, then top-k, then nucleus (top-p), as HF's warpers do.
 
-    The nucleus is found with `topk` over a growing candidate set instead of sorting the whole
-    vocabulary: with 262k tokens a full sort per step cost as much as the model's forward.
+    The nucleus is sorted out of the candidates holding at least `_CANDIDATE_MIN` probability, not
+    out of the whole vocabulary: with 262k tokens a full sort per step costs as much as the model's
+    forward. Those candidates are exactly the top tokens, so wherever they hold the nucleus mass the
+    result is the full sort's; a row where they do not (a very flat distribution) sorts it all.
     """
-    probs = (logits / config.temperature).softmax(-1)
-    vocab = probs.shape[-1]
-    if config.top_k is None and (config.top_p is None or config.top_p >= 1.0):
-        vals, idx = probs, None
-    else:
-        k = min(config.top_k or _NUCLEUS_START, vocab)
-        while True:
-            vals, idx = probs.topk(k, dim=-1)  # sorted, descending
-            if config.top_k is not None:
-                vals = vals / vals.sum(-1, keepdim=True)  # HF renormalises after top-k
-            if config.top_p is None or config.top_k is not None or k == vocab:
-                break
-            if bool((vals.double().sum(-1) >= config.top_p).all()):
-                break
-            k = min(8 * k, vocab)
-        if config.top_p is not None and config.top_p < 1.0:
-            cum = vals.double().cumsum(-1)
-            vals = vals.masked_fill(cum - vals.double() >= config.top_p, 0.0)  # keep while mass above < p
-    vals = vals.cpu()
-    if isinstance(generator, torch.Generator):
-        pick = torch.multinomial(vals, 1, generator=generator)
-    else:
-        pick = torch.stack([torch.multinomial(v, 1, generator=g) for v, g in zip(vals, generator)])
-    return pick.squeeze(-1) if idx is None else idx.gather(-1, pick.to(idx.device)).squeeze(-1)
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    probs = logits.float().softmax(-1).cpu()
+    idx = None
+    if config.top_k is not None:
+        probs, idx = probs.topk(min(config.top_k, probs.shape[-1]), dim=-1)
+        probs = probs / probs.sum(-1, keepdim=True)  # HF renormalises after top-k
+    generators = [generator] * len(probs) if isinstance(generator, torch.Generator) else generator
+    nucleus = config.top_p is not None and config.top_p < 1.0
+    if nucleus:
+        rows, cols = (probs >= _CANDIDATE_MIN).nonzero(as_tuple=True)
+        candidates = cols.split(torch.bincount(rows, minlength=len(probs)).tolist())
+    picks = []
+    for n, (row, row_generator) in enumerate(zip(probs, generators)):
+        order = None
+        if nucleus:
+            order = candidates[n]
+            if row[order].double().sum() < config.top_p:
+                order = torch.arange(len(row))
+            row, sorted_at = row[order].sort(descending=True)
+            order = order[sorted_at]
+            mass_above = row.double().cumsum(0) - row.double()
+            row = row.masked_fill(mass_above >= config.top_p, 0.0)  # keep while mass above < p
+        pick = torch.multinomial(row, 1, generator=row_generator)
+        picks.append(pick if order is None else order[pick])
+    pick = torch.cat(picks)
+    return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def check_prompt_lengths(model: TransformerBridge, prompts: Sequence[str], max_new_tokens: int) -> None:

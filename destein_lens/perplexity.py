@@ -49,3 +49,30 @@ def conditional_perplexity(
         ppl = torch.where(counts > 0, mean_nll.exp(), torch.full_like(mean_nll, float("nan")))
         out.extend(ppl.tolist())
     return out
+
+
+def perplexity_from_steps(
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    new_ids: torch.Tensor,
+    logprobs: torch.Tensor,
+) -> list[float | None]:
+    """`conditional_perplexity` of each continuation from the generating model's own step
+    log-probabilities (`generation.generate_scored`), where that is the same quantity: where
+    prompt + continuation tokenises back into the prompt's tokens then exactly the generated ones.
+    None for a row that tokenises otherwise (a sampled non-canonical split, a merge across the
+    join): those need `conditional_perplexity`."""
+    eos = tokenizer.eos_token_id
+    joined = tokenizer([p + c for p, c in zip(prompts, continuations)]).input_ids
+    alone = tokenizer(list(prompts)).input_ids
+    out: list[float | None] = []
+    for ids, lps, full, head in zip(new_ids.tolist(), logprobs, joined, alone):
+        n = ids.index(eos) if eos in ids else len(ids)
+        if full != head + ids[:n]:
+            out.append(None)
+        elif n == 0:
+            out.append(float("nan"))
+        else:
+            out.append(float((-lps[:n].double().mean()).exp()))
+    return out

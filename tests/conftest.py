@@ -66,10 +66,11 @@ def tiny_model(tiny_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def real_model():
-    """The embedded default (gemma-3-270m), loaded once per test run."""
+    """The embedded default (gemma-3-270m), loaded once per test run; on DESTEIN_LENS_TEST_DEVICE
+    (default cpu) so scripts/gpu_check.sh runs the real-model tests on CUDA."""
     from destein_lens import load_model
 
-    return load_model(device="cpu")
+    return load_model(device=os.environ.get("DESTEIN_LENS_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,9 @@ import torch
 
 from destein_lens import DesteinError
 from destein_lens.evaluation import BASELINE, MethodSpec, eval_config, evaluate
+from destein_lens.generation import SamplingConfig, decode_continuations, generate_scored
 from destein_lens.pairs import builtin_seed_pairs
-from destein_lens.perplexity import conditional_perplexity
+from destein_lens.perplexity import conditional_perplexity, perplexity_from_steps
 from destein_lens.prompts import Prompt
 from destein_lens.report import write_report
 from destein_lens.runfolder import gens_path
@@ -44,6 +45,37 @@ def test_perplexity_matches_full_forward(tiny_model) -> None:
         conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
         != conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
     )  # NaN for an empty continuation
+
+
+def _steps_against_pass(model, prompts: list[str], rel: float) -> int:
+    """Sampled continuations: perplexity from the decoding steps equals a second forward's where the
+    text tokenises back to the generated ids, and is None where it does not. Returns rows matched."""
+    config = SamplingConfig(do_sample=True, top_p=0.9, max_new_tokens=8, n=1, seed=3)
+    ids, logprobs = generate_scored(model, prompts, config)
+    continuations = decode_continuations(model, ids)
+    from_steps = perplexity_from_steps(model.tokenizer, prompts, continuations, ids, logprobs)
+    by_pass = conditional_perplexity(model, prompts, continuations)
+    for prompt, text, row, got, want in zip(prompts, continuations, ids.tolist(), from_steps, by_pass):
+        eos = model.tokenizer.eos_token_id
+        kept = row[: row.index(eos)] if eos in row else row
+        same = model.tokenizer(prompt + text).input_ids == model.tokenizer(prompt).input_ids + kept
+        assert (got is not None) == same
+        if got is not None:
+            assert got == pytest.approx(want, rel=rel, nan_ok=True)
+    # a continuation that does not tokenise back (here: not the text generated) is left to the pass
+    assert perplexity_from_steps(model.tokenizer, prompts[:1], [" zz qq"], ids[:1], logprobs[:1]) == [None]
+    return sum(x is not None for x in from_steps)
+
+
+def test_perplexity_from_decoding_steps(tiny_model) -> None:
+    prompts = ["You are", "The weather today is", "He said that", "Hello"] * 2
+    assert _steps_against_pass(tiny_model, prompts, rel=1e-4) > 0
+
+
+@pytest.mark.real
+def test_perplexity_from_decoding_steps_real(real_model) -> None:
+    prompts = ["The city council met on Tuesday to discuss", "She opened the letter and", "He said"]
+    assert _steps_against_pass(real_model, prompts, rel=1e-3) > 0
 
 
 def test_run_folder_metrics_and_resume(tiny_model, vectors, tmp_path: Path) -> None:
