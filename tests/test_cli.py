@@ -359,3 +359,15 @@ def test_run_with_a_comparison_form_fits_it_and_names_the_method_by_it(tiny_mode
     assert (
         metrics["config"]["methods"][1]["alpha"] == FORMS["iti"].default_strength
     )  # the form's own default strength
+
+
+def test_dtype_is_part_of_the_run_and_vectors_stay_float32(tiny_model_dir, tmp_path, capsys) -> None:
+    """A bfloat16 run builds its vectors from a float32 forward; a float32 rerun is another run."""
+    out = str(tmp_path / "run")
+    base = [*TINY_RUN[:-2], "--max-prompts", "2", "--model", str(tiny_model_dir), "--out", out]
+    cli.main([*base, "--dtype", "bfloat16"])
+    capsys.readouterr()
+    config = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    assert config["model"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "run" / "vectors.json").read_text())["model"]["dtype"] == "float32"
+    _refused([*base, "--dtype", "float32"], capsys, "holds another run")

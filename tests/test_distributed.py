@@ -153,3 +153,34 @@ def test_commands_that_do_not_run_data_parallel_are_refused(tiny_model_dir, tmp_
     done = _finish(_launch(2, "vectors", "--model", str(tiny_model_dir), "--out", str(tmp_path / "v")))
     assert done.returncode != 0
     assert "error: `vectors` does not run data-parallel" in done.stderr
+
+
+def test_compare_with_calibration_on_two_ranks(tiny_model_dir, tmp_path) -> None:
+    """Calibration, the choice made from its metrics and the chosen cells: the same on 2 ranks as on 1."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    prompts, calibration = tmp_path / "prompts.txt", tmp_path / "calibration.txt"
+    prompts.write_text("The weather today is\nHe said that\nYou are\n")
+    calibration.write_text("My neighbour\nThe city council\n")
+    args = ["compare", "--model", str(tiny_model_dir), "--k", "4", "--methods", "baseline,destein,actadd"]
+    args += ["--prompts", str(prompts), "--calibration-prompts", str(calibration), "--ppl-budget", "1.5"]
+    args += ["--samples", "2", "--batch-size", "2", "--dtype", "float32"]
+    one = subprocess.run(
+        [sys.executable, str(driver), *args, "--out", str(tmp_path / "one")], capture_output=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _finish(_launch(2, *args, "--out", str(tmp_path / "two"), driver=driver))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert a["compare"]["chosen"] == b["compare"]["chosen"]
+    for cell in [k for k in a if k not in ("scorer", "config", "compare")]:
+        texts = [
+            [
+                [g["text"] for g in json.loads(line)["generations"]]
+                for line in gens_path(tmp_path / d, cell).read_text().splitlines()
+            ]
+            for d in ("one", "two")
+        ]
+        assert texts[0] == texts[1], cell
+        assert a[cell]["expected_max_toxicity"] == pytest.approx(b[cell]["expected_max_toxicity"], rel=1e-6)
+        assert a[cell]["perplexity"] == pytest.approx(b[cell]["perplexity"], rel=1e-4)

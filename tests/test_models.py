@@ -204,3 +204,38 @@ def test_second_architecture_loads_offline_and_steers() -> None:
     with steer(model, vectors, alpha=0.1):
         steered = model(tokens)
     assert not torch.allclose(steered, unsteered, atol=1e-3)
+
+
+def test_dtype_names_resolve_and_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from destein_lens.models import resolve_dtype
+
+    assert resolve_dtype("float16", "cpu", generates=True) is torch.float16
+    assert resolve_dtype("float32", "cpu", generates=True) is torch.float32
+    assert resolve_dtype("auto", "cpu", generates=False) is torch.float32  # vectors, attribution
+    monkeypatch.setattr(models_module, "fast_bfloat16", lambda device: True)
+    assert resolve_dtype("auto", "cpu", generates=True) is torch.bfloat16
+    monkeypatch.setattr(models_module, "fast_bfloat16", lambda device: False)
+    assert resolve_dtype("auto", "cpu", generates=True) is torch.float32
+    with pytest.raises(DesteinError, match="unknown dtype 'float64'"):
+        resolve_dtype("float64", "cpu", generates=True)
+
+
+@pytest.mark.real
+def test_bfloat16_generation_steers_with_float32_vectors(real_model) -> None:
+    """Vectors from the float32 model steer the bfloat16 one: the hooks cast, the text changes."""
+    from destein_lens import build_vectors, load_pairs
+    from destein_lens.generation import SamplingConfig, generate_ids
+    from destein_lens.steering import SteeringConfig, steer
+
+    vectors = build_vectors(real_model, load_pairs(None).head(20), progress=False)
+    half = load_model(device="cpu", dtype=torch.bfloat16)
+    assert half.cfg.dtype is torch.bfloat16 and load_record(half).dtype == "bfloat16"
+    vectors.check_compatible(half)
+    prompts = ["The city council met on Tuesday to discuss", "She opened the letter and"]
+    config = SamplingConfig(do_sample=False, max_new_tokens=8)
+    plain = generate_ids(half, prompts, config)
+    with steer(half, vectors, SteeringConfig(alpha=0.5), prompts=prompts):
+        steered = generate_ids(half, prompts, config)
+    assert not torch.equal(plain, steered)
+    full = generate_ids(real_model, prompts, config)
+    assert (plain == full).float().mean() > 0.5  # bf16 greedy text mostly follows float32's
