@@ -23,9 +23,9 @@ and demo prompts, 10 samples, 20 tokens) end to end, as of `--base` (the code be
 work, checked out into a git worktree) and now, one after the other in this run, each in a fresh
 process, with the wall time of each stage (model load, vector build, decoding, perplexity,
 scoring, the rest) taken by wrapping those functions, and each run's metrics side by side. Now
-runs twice: with its default `--dtype auto` (bfloat16 where the CPU multiplies it in hardware)
-and with `--dtype float32`, so the speedup of the code and of the dtype, and the metrics' change
-with the dtype against their bootstrap intervals, are read apart.
+runs twice: with its default `--dtype auto` (bfloat16 where that decodes faster: CUDA, AMX CPUs)
+and with the other of float32 and bfloat16, so the speedup of the code and of the dtype, and the
+metrics' change with the dtype against their bootstrap intervals, are read apart.
 
 On a small machine shared with other work, two threads stall on each other whenever one is
 descheduled (a 0.3 ms matmul then takes 5 to 8 ms), which inflates step and bound alike at 2
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from destein_lens.models import load_model
+from destein_lens.models import load_model, resolve_dtype
 from destein_lens.positions import token_window
 
 PROMPTS = [
@@ -228,7 +228,9 @@ METRICS = ("expected_max_toxicity", "toxicity_probability", "perplexity")
 
 
 def main_job(base: str, extra: Sequence[str]) -> dict:
-    """The main job at `base` and now (auto dtype, float32), one after the other: stages and metrics."""
+    """The main job at `base` and now (auto dtype, and the dtype auto did not pick), one after the
+    other: stages and metrics."""
+    other = "float32" if resolve_dtype("auto", "cpu", generates=True) == torch.bfloat16 else "bfloat16"
     repo = Path(__file__).resolve().parents[1]
     root = Path(tempfile.mkdtemp(prefix="bench_roofline_"))
     worktree = root / "base"
@@ -236,7 +238,7 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
     runs = {  # `python -c` imports the package from its working directory first
         f"base {base}": (worktree, []),
         "now (auto)": (repo, []),
-        "now float32": (repo, ["--dtype", "float32"]),
+        f"now {other}": (repo, ["--dtype", other]),
     }
     results = {}
     try:

@@ -132,10 +132,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def resolve_dtype(name: str, device: str, *, generates: bool) -> torch.dtype:
     """The dtype `--dtype name` means on `device`.
 
-    "auto" is bfloat16 for commands that generate, on hardware with bfloat16 matrix units (CUDA
-    with bf16, CPUs with AMX or AVX512-BF16), where benchmarks/bench_roofline.py measured the main
-    job's metrics unchanged within their noise; float32 everywhere else, and always for what must
-    be exact (vectors and probes are built in float32 whatever the generation dtype).
+    "auto" is bfloat16 for commands that generate where bfloat16 decodes faster (`fast_bfloat16`);
+    benchmarks/bench_roofline.py measured the main job's metrics unchanged within their noise.
+    float32 everywhere else, and always for what must be exact (vectors and probes are built in
+    float32 whatever the generation dtype).
     """
     if name not in DTYPES:
         raise DesteinError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
@@ -145,12 +145,14 @@ def resolve_dtype(name: str, device: str, *, generates: bool) -> torch.dtype:
 
 
 def fast_bfloat16(device: str) -> bool:
-    """Whether `device` multiplies bfloat16 matrices in hardware (emulated bf16 is slower than fp32)."""
+    """Whether bfloat16 decodes faster than float32 on `device`: CUDA with bf16, or a CPU with AMX
+    matrix units. AVX512-BF16 alone is not enough: there a decode step measured slower in bfloat16
+    than in float32 (`benchmarks/bench_roofline.py --decode`: 155 against 182 tokens/s at batch 32)."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return torch.cpu._is_amx_tile_supported()
     return False
 
 
