@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from destein_lens.models import load_model, resolve_dtype
+from destein_lens.models import fast_bfloat16, load_model
 from destein_lens.positions import token_window
 
 PROMPTS = [
@@ -230,7 +230,7 @@ METRICS = ("expected_max_toxicity", "toxicity_probability", "perplexity")
 def main_job(base: str, extra: Sequence[str]) -> dict:
     """The main job at `base` and now (auto dtype, and the dtype auto did not pick), one after the
     other: stages and metrics."""
-    other = "float32" if resolve_dtype("auto", "cpu", generates=True) == torch.bfloat16 else "bfloat16"
+    other = "float32" if fast_bfloat16("cpu") else "bfloat16"
     repo = Path(__file__).resolve().parents[1]
     root = Path(tempfile.mkdtemp(prefix="bench_roofline_"))
     worktree = root / "base"

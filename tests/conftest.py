@@ -10,17 +10,14 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 # pytest-xdist (addopts: -n auto, at most 4) runs a process per core: each, and everything it
-# starts (notebook kernels, CLI runs), takes its share of the cores instead of all of them.
+# starts (notebook kernels, CLI runs, through OMP_NUM_THREADS), takes its share of the cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
-
-import torch  # noqa: E402  (after the thread count)
-from safetensors.torch import load_file  # noqa: E402
-
-if _WORKERS > 1:  # in case a plugin imported torch first
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # No test may reach a hub: fail fast instead of retrying the network (set before HF imports).
