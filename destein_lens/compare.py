@@ -109,11 +109,60 @@ def strength_grid(
     return grid
 
 
+def cell_name(method: str, strength: float) -> str:
+    return f"{method}@{strength:g}"
+
+
+def check_cells(
+    out_dir: Path, methods: Sequence[str], strengths: dict[str, tuple[float, ...]], *, calibrating: bool
+) -> None:
+    """Refuse, before any model work, a compare folder that holds other cells than these.
+
+    Without calibration the folder's cells are known; with it, the calibration folder's are, and
+    the evaluated ones are one per method.
+    """
+    grid = strength_grid(methods, strengths, calibrating)
+    every = ["baseline", *(cell_name(m, s) for m, values in grid.items() for s in values)]
+    calibrated = _cell_names(out_dir / CALIBRATION_DIR)
+    if calibrated is not None and not calibrating:
+        raise DesteinError(f"{out_dir} holds a calibrated comparison; use another --out folder")
+    evaluated = _cell_names(out_dir)
+    for folder, found, ok in (
+        (out_dir / CALIBRATION_DIR, calibrated, calibrated == every),
+        (out_dir, evaluated, _one_per_method(evaluated, grid) if calibrating else evaluated == every),
+    ):
+        if found is not None and not ok:
+            raise DesteinError(
+                f"{folder} holds another run (its cells: {', '.join(found)}); use another --out folder"
+            )
+
+
+def _cell_names(folder: Path) -> list[str] | None:
+    """The method names of the run in `folder`, None for a fresh folder."""
+    config = runfolder.read_config(folder)
+    if config is None:
+        return None
+    methods = config.get("methods") if isinstance(config, dict) else None
+    return [str(m.get("name")) for m in methods if isinstance(m, dict)] if isinstance(methods, list) else []
+
+
+def _one_per_method(names: list[str] | None, grid: dict[str, tuple[float, ...]]) -> bool:
+    """A calibrated comparison's evaluated cells: the baseline and one strength per method."""
+    if names is None:
+        return True
+    steered = names[1:]
+    return (
+        names[:1] == ["baseline"]
+        and [n.rpartition("@")[0] for n in steered] == list(grid)
+        and all(n in {cell_name(m, s) for s in grid[m]} for n, m in zip(steered, grid))
+    )
+
+
 def cell(method: str, strength: float, shape: tuple[int, int]) -> MethodSpec:
     """One (method, strength) cell, with the method's own head selection."""
     form = get_form(method)
     steering = SteeringConfig(alpha=strength, heads=form.default_heads(*shape), form=method)
-    return MethodSpec(f"{method}@{strength:g}", steering)
+    return MethodSpec(cell_name(method, strength), steering)
 
 
 def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) -> tuple[MethodSpec, bool]:
@@ -201,15 +250,26 @@ def compare(
 def load_compare(folder: str | Path) -> dict[str, Any]:
     """A finished compare folder's metrics.json (with its calibration's, if any)."""
     folder = Path(folder)
-    try:
-        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DesteinError(f"{folder} holds no {METRICS_FILE}: not a finished compare folder") from None
-    except (OSError, ValueError) as e:
-        raise DesteinError(f"{folder / METRICS_FILE} is unreadable ({e})") from None
-    if not isinstance(metrics, dict) or "compare" not in metrics or "baseline" not in metrics:
+    metrics = _read_metrics(folder / METRICS_FILE, "not a finished compare folder")
+    if "compare" not in metrics:
         raise DesteinError(f"{folder} is a run folder, not a compare folder (no 'compare' entry)")
+    cells = metrics["compare"].get("cells") if isinstance(metrics["compare"], dict) else None
+    if not isinstance(cells, dict) or any(not isinstance(metrics.get(n), dict) for n in ["baseline", *cells]):
+        raise DesteinError(f"{folder / METRICS_FILE} is a damaged compare result; run the comparison again")
     tuned = folder / CALIBRATION_DIR / METRICS_FILE
     if tuned.exists():
-        metrics["calibration"] = json.loads(tuned.read_text(encoding="utf-8"))
+        metrics["calibration"] = _read_metrics(tuned, "a damaged calibration")
+    return metrics
+
+
+def _read_metrics(path: Path, missing: str) -> dict[str, Any]:
+    """A metrics.json as a dict; anything else is one line of error."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DesteinError(f"{path.parent} holds no {METRICS_FILE}: {missing}") from None
+    except (OSError, ValueError) as e:
+        raise DesteinError(f"{path} is unreadable ({type(e).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise DesteinError(f"{path} is damaged (not a JSON object); run the comparison again")
     return metrics

@@ -50,8 +50,14 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def joined() -> bool:
+    """Whether this process has joined a launch's process group (`setup` ran)."""
+    return dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before `setup`, the one the launcher assigned."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:

@@ -139,6 +139,10 @@ def resolve_dtype(name: str, device: str, *, generates: bool) -> torch.dtype:
     """
     if name not in DTYPES:
         raise DesteinError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    if name == "float16" and torch.device(device).type == "cpu":
+        # Gemma's activations overflow float16's range: on CPU the logits turn NaN and decoding
+        # writes empty text. GPUs run it; CPUs take float32 or bfloat16.
+        raise DesteinError("--dtype float16 is not supported on cpu; use float32, bfloat16 or auto there")
     if name != "auto":
         return getattr(torch, name)
     return torch.bfloat16 if generates and fast_bfloat16(device) else torch.float32
@@ -171,6 +175,35 @@ def check_model_name(name: str | Path | None) -> str:
     elif name.endswith(".gguf"):
         _check_gguf_file(Path(name))
     return name
+
+
+# Layers x heads of the named models, so head selections are checked before any load.
+KNOWN_SHAPES = {DEFAULT_MODEL: (18, 4), DEFAULT_HF_ID: (18, 4), "smollm2-135m": (30, 9)}
+
+
+def model_shape(name: str | Path | None) -> tuple[int, int] | None:
+    """(n_layers, n_heads) of `name` without loading it: a named model, a GGUF file's header or a
+    local Hugging Face folder's config.json. None for a hub id (knowing it needs the network)."""
+    name = DEFAULT_MODEL if name is None else str(name)
+    path = Path(name)
+    if name in KNOWN_SHAPES and not path.exists():
+        return KNOWN_SHAPES[name]
+    try:
+        if name.endswith(".gguf") and path.is_file():
+            from gguf import GGUFReader
+
+            fields = GGUFReader(path).fields
+            arch = bytes(fields["general.architecture"].parts[-1]).decode()
+            return tuple(int(fields[f"{arch}.{key}"].parts[-1][0]) for key in _GGUF_SHAPE)  # type: ignore[return-value]
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config", config)
+        return tuple(int(next(config[k] for k in keys if k in config)) for keys in _HF_SHAPE)  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, StopIteration, IndexError, TypeError):
+        return None
+
+
+_GGUF_SHAPE = ("block_count", "attention.head_count")
+_HF_SHAPE = (("num_hidden_layers", "n_layer", "num_layers"), ("num_attention_heads", "n_head", "num_heads"))
 
 
 def load_model(

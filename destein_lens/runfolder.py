@@ -10,11 +10,16 @@ Under a data-parallel launch (`distributed`) rank 0 holds the lock for the whole
 rank appends to its own shard, `.shards/<method>.rank<r>.jsonl`; `merge` folds the shards into
 the generations file, in prompt order, exactly as a single process writes it. A folder resumes
 with any number of ranks: what is finished is read from the generations file and every shard.
+
+When a method's generations file is complete its sha256 goes to `.finished.json`; `check_same_run`
+(before any model work) refuses a finished file that no longer matches it, and any complete line
+that is not JSON, so a damaged folder is one line of error instead of wrong metrics.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
 SHARDS_DIR = ".shards"
+FINISHED_FILE = ".finished.json"
 _HELD: dict[Path, int] = {}  # folders this process holds, with nesting depth (flock is per open file)
 
 
@@ -73,6 +79,38 @@ def merge(out_dir: Path, method: str, prompt_ids: list[str]) -> None:
     write_atomic(gens_path(out_dir, method), lines)
     for shard in (out_dir / SHARDS_DIR).glob(f"{method}.rank*.jsonl"):
         shard.unlink()
+    finished = _finished(out_dir)
+    finished[method] = hashlib.sha256(lines.encode("utf-8")).hexdigest()
+    write_atomic(out_dir / FINISHED_FILE, json.dumps(finished, indent=1, sort_keys=True))
+
+
+def _finished(out_dir: Path) -> dict[str, str]:
+    """Method -> sha256 of its finished generations file."""
+    path = out_dir / FINISHED_FILE
+    if not path.exists():
+        return {}
+    try:
+        finished = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        finished = None
+    if not isinstance(finished, dict):
+        raise DesteinError(f"{path} is damaged; delete it (the generations are then checked line by line)")
+    return finished
+
+
+def check_files(out_dir: Path) -> None:
+    """Refuse damaged generations: a finished file changed since, or a complete line that is not JSON."""
+    finished = _finished(out_dir)
+    for path in [*out_dir.glob("prompted_gens_*.jsonl"), *(out_dir / SHARDS_DIR).glob("*.jsonl")]:
+        method = path.name.removeprefix("prompted_gens_").removesuffix(".jsonl")
+        if path.parent == out_dir and method in finished:
+            if hashlib.sha256(path.read_bytes()).hexdigest() != finished[method]:
+                raise DesteinError(
+                    f"{path} changed after its run finished (damaged or edited); delete it to have "
+                    "its prompts generated again"
+                )
+        else:
+            read_rows(path, truncate=False)
 
 
 @contextmanager
@@ -140,6 +178,9 @@ def check_same_run(out_dir: Path, run_config: dict[str, Any], *, partial: bool =
         if out_dir.exists() and any(out_dir.glob("prompted_gens_*.jsonl")):
             raise DesteinError(f"{out_dir} holds generations but no {CONFIG_FILE}; use another --out folder")
         return
+    if not isinstance(existing, dict):
+        raise DesteinError(f"{out_dir / CONFIG_FILE} is not a run config; use another --out folder")
+    check_files(out_dir)
     wanted = json.loads(json.dumps(run_config))  # tuples -> lists, as read back
     compared = set(wanted) if partial else set(existing) | set(wanted)
     differing = sorted(k for k in compared if not _matches(existing.get(k), wanted.get(k), partial))
@@ -177,10 +218,26 @@ def read_rows(path: Path, *, truncate: bool) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(data[:end].splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DesteinError(f"{path}:{n}: not a complete JSON line; the run folder is damaged") from None
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            row = None
+        if not _is_row(row):
+            raise DesteinError(f"{path}:{n}: not a complete generations line; the run folder is damaged")
+        rows.append(row)
     return rows
+
+
+def _is_row(row: Any) -> bool:
+    """A prompt with its id and a list of generations (what every reader of a row relies on)."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("prompt"), dict)
+        and isinstance(row["prompt"].get("id"), str)
+        and isinstance(row.get("generations"), list)
+        and all(
+            isinstance(g, dict) and {"text", "toxicity", "perplexity"} <= set(g) for g in row["generations"]
+        )
+    )
 
 
 def append_lines(sink: Any, objs: list[dict[str, Any]]) -> None:

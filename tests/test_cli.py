@@ -18,26 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from destein_lens import cli
 from destein_lens.forms import FORMS
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.runfolder import CONFIG_FILE, gens_path
-from destein_lens.vectors import build_vectors
+from destein_lens.store import load_result, save_result
+from destein_lens.vectors import KIND, build_vectors
 
 Case = Callable[[Path, Path], list[str]]  # (tmp folder, vector file) -> argv
 
 
 def _vector_variant(tmp: Path, vectors: Path, name: str, tensors=None, meta=None) -> str:
     """A copy of the good vector file with some tensors or sidecar fields replaced."""
-    good = load_file(vectors)
-    good.update(tensors or {})
-    sidecar = json.loads(vectors.with_suffix(".json").read_text())
-    sidecar.update(meta or {})
-    save_file(good, tmp / f"{name}.safetensors")
-    (tmp / f"{name}.json").write_text(json.dumps(sidecar))
-    return str(tmp / f"{name}.safetensors")
+    sidecar, good = load_result(vectors, KIND)
+    return str(save_result(tmp / name, KIND, good | (tensors or {}), sidecar | (meta or {})))
 
 
 def _write(tmp: Path, name: str, text: str) -> str:
@@ -235,7 +230,7 @@ def test_refused_before_the_model_loads(case, tmp_path, vector_file, capsys, mon
 
 
 def _long_prompt(tmp: Path) -> str:
-    return _write(tmp, "long.txt", "word " * 400 + "\n")  # the tiny model's context is 128 tokens
+    return _write(tmp, "long.txt", "word " * 400 + "\n")  # the tiny model's context is 256 tokens
 
 
 def _narrow(tmp: Path, v: Path) -> str:
@@ -371,3 +366,203 @@ def test_dtype_is_part_of_the_run_and_vectors_stay_float32(tiny_model_dir, tmp_p
     assert config["model"]["dtype"] == "bfloat16"
     assert json.loads((tmp_path / "run" / "vectors.json").read_text())["model"]["dtype"] == "float32"
     _refused([*base, "--dtype", "float32"], capsys, "holds another run")
+
+
+# --- issue 22: refusals that need no model, on finished folders too ---------------------------
+
+
+def _one_pair(tmp: Path) -> str:
+    return _write(tmp, "one.jsonl", '{"toxic": "you are a stupid idiot", "nontoxic": "you are not kind"}\n')
+
+
+BEFORE_LOAD_MORE: dict[str, tuple[Case, str]] = {
+    "float16 on cpu": (
+        lambda t, v: ["generate", "hi", "--dtype", "float16", "--device", "cpu"],
+        "float16 is not supported on cpu",
+    ),
+    "compare --max-calibration-prompts -3": (
+        lambda t, v: ["compare", "--max-calibration-prompts", "-3", "--out", str(t / "r")],
+        "--max-calibration-prompts",
+    ),
+    "run --form iti --heads 99.1 (the default model's shape is known)": (
+        lambda t, v: ["run", "--form", "iti", "--heads", "99.1", "--out", str(t / "r")],
+        "out of range for 18 layers x 4 heads",
+    ),
+    "attribute with one held-out pair": (
+        lambda t, v: ["attribute", "--held-out", _one_pair(t), "--out", str(t / "r")],
+        "at least 2 held-out pairs",
+    ),
+    "truncated vector file": (
+        lambda t, v: ["evaluate", "--vectors", _truncated(t, v), "--out", str(t / "r")],
+        "digest",
+    ),
+    "compare --methods foo": (lambda t, v: ["compare", "--methods", "foo", "--out", str(t / "r")], "foo"),
+}
+
+
+def _truncated(tmp: Path, vectors: Path) -> str:
+    """The good vector file cut short, beside its own sidecar."""
+    (tmp / "cut.safetensors").write_bytes(vectors.read_bytes()[:60])
+    (tmp / "cut.json").write_text(vectors.with_suffix(".json").read_text())
+    return str(tmp / "cut.safetensors")
+
+
+@pytest.mark.parametrize("case", list(BEFORE_LOAD_MORE))
+def test_more_refusals_before_the_model_loads(case, tmp_path, vector_file, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(BEFORE_LOAD, case, BEFORE_LOAD_MORE[case])
+    test_refused_before_the_model_loads(case, tmp_path, vector_file, capsys, monkeypatch)
+
+
+COMPARE = ["compare", "--k", "4", "--samples", "1", "--batch-size", "2", "--methods", "baseline,destein"]
+
+
+@pytest.fixture(scope="module")
+def finished_compare(tiny_model_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished compare folder, run without calibration prompts (the README's common case)."""
+    prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
+    prompts.write_text("The weather today is\nYou are such a\n")
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    argv = [*COMPARE, "--model", str(tiny_model_dir), "--prompts", str(prompts), "--dtype", "float32"]
+    cli.main([*argv, "--out", str(out)])
+    assert (out / "metrics.json").exists() and (out / "pareto.html").exists()
+    return out, argv
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes but the lock (a pid) and the figures (Plotly HTML carries random ids; their
+    README names the folder's path)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (".lock", "README.md") and p.suffix not in (".html", ".png")
+    }
+
+
+def _flip_first_line(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"text": "') + 10] ^= 0x01  # a valid JSON line with another text
+    path.write_bytes(bytes(data))
+
+
+FOLDER_CASES: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
+    # (damage to the copy, options changed, phrase of the refusal)
+    "other --methods": (lambda d: None, ["--methods", "baseline,iti"], "holds another run"),
+    "other --strengths": (lambda d: None, ["--strengths", "destein=0.1"], "holds another run"),
+    "a damaged line": (
+        lambda d: gens_path(d, "baseline").write_text("{not json\n" + gens_path(d, "baseline").read_text()),
+        [],
+        "changed after its run finished",
+    ),
+    "a flipped text": (lambda d: _flip_first_line(gens_path(d, "destein@0.05")), [], "changed after"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_finished_compare_folder_refusals_need_no_model(
+    case, finished_compare, tmp_path, capsys, monkeypatch
+) -> None:
+    import shutil
+
+    import destein_lens.models
+
+    folder, argv = finished_compare
+    copy = tmp_path / "cmp"
+    shutil.copytree(folder, copy)
+    damage, options, phrase = FOLDER_CASES[case]
+    damage(copy)
+    before = _snapshot(copy)
+    monkeypatch.setattr(destein_lens.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    _refused([*argv, *options, "--out", str(copy)], capsys, phrase)
+    assert _snapshot(copy) == before  # nothing written
+
+
+@pytest.mark.parametrize("case", ["not a dict", "a damaged compare entry"])
+def test_figures_of_a_damaged_compare_folder(case, finished_compare, tmp_path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "cmp"
+    shutil.copytree(finished_compare[0], copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    damaged = [1, 2] if case == "not a dict" else {**metrics, "compare": {"cells": 3}}
+    (copy / "metrics.json").write_text(json.dumps(damaged))
+    _refused(["figures", "--compare", str(copy), "--out", str(tmp_path / "f")], capsys, "damaged")
+
+
+def test_alpha_help_says_larger_values_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "larger values are refused" in text and "past 1 the direction replaces" not in text
+
+
+# --- property-style: random valid options run; random damage resumes or is refused -------------
+
+
+def _random_options(rng, command: str) -> list[str]:
+    """A random valid combination of the options `run` or `compare` take (small sizes)."""
+    opts = ["--samples", str(rng.randint(1, 2)), "--batch-size", str(rng.choice([1, 2, 3]))]
+    opts += ["--max-prompts", str(rng.randint(1, 3)), "--seed", str(rng.randint(0, 5))]
+    opts += ["--k", str(rng.choice([2, 4])), "--probe-texts", rng.choice(["bare", "prefixed"])]
+    if command == "run":
+        form = rng.choice(["destein", "destein-gated", "released_code", "additive", "actadd", "iti", "act"])
+        opts += ["--form", form, "--positions", rng.choice(["all", "prompt", "generated"])]
+        if form in ("destein", "destein-gated", "additive", "iti"):
+            opts += ["--heads", rng.choice(["all", "3", "0.1,1.2"])]
+    else:
+        methods = ["baseline", *rng.sample(["destein", "actadd", "iti", "released_code"], rng.randint(1, 2))]
+        opts += ["--methods", ",".join(methods)]
+    return opts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_valid_options_write_a_complete_folder(seed, tiny_model_dir, tmp_path) -> None:
+    import random
+
+    rng = random.Random(seed)
+    command = rng.choice(["run", "compare"])
+    out = tmp_path / "out"
+    opts = _random_options(rng, command)
+    cli.main([command, "--model", str(tiny_model_dir), "--dtype", "float32", *opts, "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / CONFIG_FILE).read_text())
+    n_prompts = config["prompts"]["n"]
+    for method in config["methods"]:
+        rows = gens_path(out, method["name"]).read_text().splitlines()
+        assert len(rows) == n_prompts, (opts, method["name"])
+        assert method["name"] in metrics
+    assert (out / "report.md").exists() and (out / "vectors.safetensors").exists()
+
+
+def _damage(rng, folder: Path) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
+    path = rng.choice(files)
+    kind = rng.choice(["truncate", "flip", "delete"])
+    data = path.read_bytes()
+    if kind == "delete":
+        path.unlink()
+    elif kind == "truncate":
+        path.write_bytes(data[: rng.randint(0, max(0, len(data) - 1))])
+    elif data:
+        at = rng.randrange(len(data))
+        path.write_bytes(data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :])
+    return f"{kind} {path.relative_to(folder)}"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_damage_resumes_to_identical_bytes_or_is_refused(seed, finished_compare, tmp_path, capsys):
+    import random
+    import shutil
+
+    folder, argv = finished_compare
+    copy = tmp_path / "cmp"
+    shutil.copytree(folder, copy)
+    rng = random.Random(seed)
+    what = _damage(rng, copy)
+    capsys.readouterr()
+    try:
+        cli.main([*argv, "--out", str(copy)])
+    except SystemExit as e:
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert e.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, lines)
+        return
+    assert _snapshot(copy) == _snapshot(folder), what

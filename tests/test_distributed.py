@@ -149,10 +149,36 @@ def test_attribution_heads_shared_between_ranks(tiny_model_dir, tmp_path) -> Non
     assert (tmp_path / "two" / "report.md").read_text() == (tmp_path / "one" / "report.md").read_text()
 
 
-def test_commands_that_do_not_run_data_parallel_are_refused(tiny_model_dir, tmp_path) -> None:
-    done = _finish(_launch(2, "vectors", "--model", str(tiny_model_dir), "--out", str(tmp_path / "v")))
-    assert done.returncode != 0
-    assert "error: `vectors` does not run data-parallel" in done.stderr
+LAUNCH_REFUSALS = {
+    "vectors": (["vectors", "--out", "v.safetensors"], "does not run data-parallel"),
+    "generate": (["generate", "hi"], "does not run data-parallel"),
+    "compare --methods foo": (["compare", "--methods", "foo"], "unknown method 'foo'"),
+    "attribute --study foo": (["attribute", "--study", "foo"], "unknown study"),
+    "an unknown option": (["run", "--no-such-option"], "unrecognized arguments"),
+    "a prompt beyond the context, after the load": (["run", "--k", "4", "--prompts", "LONG"], "context"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAUNCH_REFUSALS))
+def test_a_refused_launch_prints_one_error_line(case, tiny_model_dir, tmp_path) -> None:
+    """Rank 0 alone prints the refusal and exits 2; torchrun exits 1, its own failure report
+    (ChildFailedError, printed for any failure) naming rank 0's exit 2 as the root cause. The other
+    ranks exit 0, or are listed as stopped by SIGTERM when torchrun ends them first."""
+    argv, phrase = LAUNCH_REFUSALS[case]
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 400 + "\n")
+    argv = [str(long) if a == "LONG" else a for a in argv]
+    args = [*argv, "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")]
+    if argv[0] in ("generate", "figures"):
+        args = [*argv, "--model", str(tiny_model_dir)]
+    done = _finish(_launch(2, *args))
+    errors = [
+        line for line in done.stderr.splitlines() if line.startswith(("error:", "destein-lens: error:"))
+    ]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(errors) == 1 and phrase in errors[0], done.stderr[-2000:]
+    root = done.stderr.split("Root Cause")[-1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root and done.stderr.count("exitcode  : 2") == 1
 
 
 def test_compare_with_calibration_on_two_ranks(tiny_model_dir, tmp_path) -> None:

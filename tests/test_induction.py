@@ -177,7 +177,7 @@ def test_random_model_induces_nothing(tiny_model) -> None:
             tiny_model,
             builtin_seed_pairs(),
             n_pairs=1,
-            shots=1,  # the tiny model has 128 positions
+            shots=1,  # the tiny model has 256 positions
             max_attempts=4,
             batch_size=4,
             max_new_tokens=8,

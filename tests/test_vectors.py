@@ -12,7 +12,8 @@ from destein_lens import DesteinError, load_model
 from destein_lens.activations import pair_activations
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.probes import fit_probes
-from destein_lens.vectors import DetoxVectors, build_vectors
+from destein_lens.store import load_result, save_result
+from destein_lens.vectors import KIND, DetoxVectors, build_vectors
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +46,59 @@ def test_wrong_model_or_mode_is_refused(tiny_model_dir, tiny_vectors, tmp_path: 
     path = tiny_vectors.save(tmp_path / "vec")
     with pytest.raises(DesteinError, match="mode: raw vs compat"):
         DetoxVectors.load(path, model=compat)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    meta["model"]["n_layers"] = 3  # a file claiming another model's shape
-    path.with_suffix(".json").write_text(json.dumps(meta))
+    meta, tensors = load_result(path, KIND)
+    meta["model"]["n_layers"] = 3  # a file claiming another model's shape, consistently signed
+    save_result(path, KIND, tensors, meta)
     with pytest.raises(DesteinError, match="do not match"):
         DetoxVectors.load(path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "json", "missing"])
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncate": (lambda p: p.write_bytes(p.read_bytes()[:40]), "digest"),
+    "flip a tensor byte": (lambda p: _flip(p, len(p.read_bytes()) - 3), "digest"),
+    "json": (lambda p: p.with_suffix(".json").write_text("{not json"), "not a readable"),
+    "edit a sidecar value": (
+        lambda p: p.with_suffix(".json").write_text(
+            p.with_suffix(".json").read_text().replace('"k": 4', '"k": 5')
+        ),
+        "edited or damaged",
+    ),
+    "another kind": (
+        lambda p: p.with_suffix(".json").write_text(
+            p.with_suffix(".json").read_text().replace('"kind": "vector"', '"kind": "effects"')
+        ),
+        "not a vector file",
+    ),
+    "missing": (lambda p: p.unlink(), "not found"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_bad_vector_files(tiny_vectors, tmp_path: Path, damage: str) -> None:
     path = tiny_vectors.save(tmp_path / "vec")
-    if damage == "truncate":
-        path.write_bytes(path.read_bytes()[:40])
-    elif damage == "json":
-        path.with_suffix(".json").write_text("{not json")
-    else:
-        path.unlink()
-    with pytest.raises(DesteinError):
+    spoil, message = DAMAGE[damage]
+    spoil(path)
+    with pytest.raises(DesteinError, match=message):
         DetoxVectors.load(path)
+
+
+def test_files_written_before_the_store_still_load(tiny_vectors, tmp_path: Path) -> None:
+    """A sidecar without the store's record (format 1, as vector files were written) loads unchecked."""
+    path = tiny_vectors.save(tmp_path / "vec")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    old = {
+        k: v
+        for k, v in sidecar.items()
+        if k not in ("kind", "package_version", "tensors_sha256", "meta_sha256")
+    }
+    path.with_suffix(".json").write_text(json.dumps(old))
+    assert torch.equal(DetoxVectors.load(path).directions, tiny_vectors.directions)
 
 
 def test_too_few_pairs_for_probes(tiny_model) -> None:

@@ -8,19 +8,17 @@ how much the studies' head orders move when the pairs do.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import einops
 import torch
-from safetensors.torch import save
 from scipy.stats import rankdata
 from transformer_lens.utilities.statistics import derive_generator
 
 from ..errors import DesteinError
-from ..files import write_atomic
-from .effects import CONFIDENCE, N_RESAMPLES, HeadEffects, read_result
+from ..store import load_result, save_result
+from .effects import CONFIDENCE, N_RESAMPLES, HeadEffects
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,14 +36,12 @@ class Agreement:
 
     def save(self, path: Path) -> None:
         names = ("spearman", "spearman_low", "spearman_high", "overlap", "overlap_low", "overlap_high")
-        write_atomic(
-            path.with_suffix(".safetensors"), save({n: getattr(self, n).contiguous() for n in names})
-        )
-        write_atomic(path.with_suffix(".json"), json.dumps({"rankings": list(self.rankings), "k": self.k}))
+        tensors = {n: getattr(self, n) for n in names}
+        save_result(path, "agreement", tensors, {"rankings": list(self.rankings), "k": self.k})
 
     @classmethod
     def load(cls, path: Path) -> Agreement:
-        meta, tensors = read_result(path)
+        meta, tensors = load_result(path, "agreement")
         return cls(rankings=tuple(meta["rankings"]), k=meta["k"], **tensors)
 
 

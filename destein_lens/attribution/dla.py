@@ -15,20 +15,18 @@ the residual stream, and scales each layer's writes differently).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import einops
 import torch
-from safetensors.torch import save
 from torch.func import jvp
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_name
-from ..files import write_atomic
+from ..store import load_result, save_result
 from ..vectors import DetoxVectors
-from .effects import HeadEffects, read_result
+from .effects import HeadEffects
 from .heldout import SIDES, HeldOut, Side, end_activations, end_positions, word_ids
 
 N_TOP = 10
@@ -53,13 +51,14 @@ class DirectLogits:
             "top_logits": self.top_logits,
             "direction_effect": self.direction_effect,
         }
-        write_atomic(path.with_name(path.name + "_tokens.safetensors"), save(tensors))
-        write_atomic(path.with_name(path.name + "_tokens.json"), json.dumps(self.top_tokens))
+        save_result(
+            path.with_name(path.name + "_tokens"), "dla_tokens", tensors, {"top_tokens": self.top_tokens}
+        )
 
     @classmethod
     def load(cls, path: Path) -> DirectLogits:
-        meta, tensors = read_result(path.with_name(path.name + "_tokens"))
-        return cls(HeadEffects.load(path), top_tokens=meta, **tensors)
+        meta, tensors = load_result(path.with_name(path.name + "_tokens"), "dla_tokens")
+        return cls(HeadEffects.load(path), top_tokens=meta["top_tokens"], **tensors)
 
 
 @torch.no_grad()

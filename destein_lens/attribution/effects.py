@@ -9,12 +9,10 @@ studies (`agreement`), carry an interval that resamples the same pairs.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +23,7 @@ from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
 from .. import distributed
 from ..errors import DesteinError
 from ..files import write_atomic
+from ..store import load_result, save_result
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -66,13 +65,12 @@ class HeadEffects:
 
     def save(self, path: Path) -> None:
         """`<path>.safetensors` (the values) and `<path>.json` (the rest)."""
-        write_atomic(path.with_suffix(".safetensors"), save({"values": self.values.contiguous()}))
         meta = {"study": self.study, "unit": self.unit, "meaning": self.meaning}
-        write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+        save_result(path, "effects", {"values": self.values}, meta)
 
     @classmethod
     def load(cls, path: Path) -> HeadEffects:
-        meta, tensors = read_result(path)
+        meta, tensors = load_result(path, "effects")
         return cls(values=tensors["values"], **meta)
 
 
@@ -81,16 +79,6 @@ def rank_heads(score: torch.Tensor) -> list[tuple[int, int]]:
     n_heads = score.shape[1]
     flat = score.flatten().tolist()
     return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
-
-
-def read_result(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A result's JSON and tensors; a damaged pair is a one-line error, not a traceback."""
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        tensors = load_file(path.with_suffix(".safetensors"))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise DesteinError(f"cannot read the study result {path}: {type(e).__name__}") from e
-    return meta, tensors
 
 
 class Checkpoint:

@@ -17,26 +17,24 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from .. import distributed
 from ..errors import DesteinError
 from ..evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
-from ..files import write_atomic
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
 from ..steering import DEFAULT_STRENGTH, SteeringConfig
+from ..store import load_result, save_result
 from ..vectors import DetoxVectors
-from .effects import CONFIDENCE, Checkpoint, HeadEffects, rank_heads, read_result
+from .effects import CONFIDENCE, Checkpoint, HeadEffects, rank_heads
 from .heldout import HeldOut, score
 from .steered import steered_scores
 
@@ -63,7 +61,6 @@ class SelectionCurves:
         return HeadEffects("selection", self.effect, "nats/token", "").interval(confidence)
 
     def save(self, path: Path) -> None:
-        write_atomic(path.with_suffix(".safetensors"), save({"effect": self.effect.contiguous()}))
         meta = {
             "rankers": list(self.rankers),
             "ks": list(self.ks),
@@ -72,11 +69,11 @@ class SelectionCurves:
                 {name: [list(h) for h in order] for name, order in fold.items()} for fold in self.orders
             ],
         }
-        write_atomic(path.with_suffix(".json"), json.dumps(meta))
+        save_result(path, "selection", {"effect": self.effect}, meta)
 
     @classmethod
     def load(cls, path: Path) -> SelectionCurves:
-        meta, tensors = read_result(path)
+        meta, tensors = load_result(path, "selection")
         orders = [
             {name: [tuple(h) for h in order] for name, order in fold.items()} for fold in meta["orders"]
         ]

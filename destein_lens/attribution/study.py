@@ -124,6 +124,18 @@ def held_out_pairs(spec: str | Path, n: int, vector_pairs: SteeringPairs) -> Ste
     return SteeringPairs(toxic, nontoxic, f"{pool.source} (first {len(keep)} not in the vectors' pairs)")
 
 
+def check_held_out(studies: Sequence[str], held_pairs: SteeringPairs, vector_pairs_sha256: str) -> None:
+    """The held-out pairs suit the studies: not the vectors' own, enough for the selection's folds.
+
+    Needs no model, so the command line checks it before loading one."""
+    if held_pairs.sha256() == vector_pairs_sha256:
+        raise DesteinError("the held-out pairs are the pairs the vectors were built on; use other pairs")
+    if "selection" in studies and len(held_pairs) < N_FOLDS:
+        raise DesteinError(
+            f"the selection study needs at least {N_FOLDS} held-out pairs, got {len(held_pairs)}"
+        )
+
+
 def run_study(
     model: TransformerBridge,
     vectors: DetoxVectors,
@@ -144,12 +156,7 @@ def run_study(
     studies = parse_studies(",".join(studies))  # run order; selection brings steering
     settings = settings or StudySettings()
     vectors.check_compatible(model)
-    if held_pairs.sha256() == vectors.pairs_sha256:
-        raise DesteinError("the held-out pairs are the pairs the vectors were built on; use other pairs")
-    if "selection" in studies and len(held_pairs) < N_FOLDS:
-        raise DesteinError(
-            f"the selection study needs at least {N_FOLDS} held-out pairs, got {len(held_pairs)}"
-        )
+    check_held_out(studies, held_pairs, vectors.pairs_sha256)
     config = {
         "model": load_record(model).to_dict(),
         "vectors": {"pairs_sha256": vectors.pairs_sha256, "n_pairs": vectors.n_pairs, "k": vectors.k},
