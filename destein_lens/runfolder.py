@@ -11,9 +11,10 @@ rank appends to its own shard, `.shards/<method>.rank<r>.jsonl`; `merge` folds t
 the generations file, in prompt order, exactly as a single process writes it. A folder resumes
 with any number of ranks: what is finished is read from the generations file and every shard.
 
-When a method's generations file is complete its sha256 goes to `.finished.json`; `check_same_run`
-(before any model work) refuses a finished file that no longer matches it, and any complete line
-that is not JSON, so a damaged folder is one line of error instead of wrong metrics.
+When a method's generations file is complete, the digest of each of its lines goes to
+`.finished.json`; `check_same_run` (before any model work) refuses a finished line that no longer
+matches its digest, and any complete line that is not a generations row, so a damaged folder is one
+line of error instead of wrong metrics. A line that is missing is simply generated again.
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ def merge(out_dir: Path, method: str, prompt_ids: list[str]) -> None:
     for shard in (out_dir / SHARDS_DIR).glob(f"{method}.rank*.jsonl"):
         shard.unlink()
     finished = _finished(out_dir)
-    finished[method] = hashlib.sha256(lines.encode("utf-8")).hexdigest()
+    finished[method] = {i: _digest(json.dumps(rows[i], ensure_ascii=False).encode()) for i in prompt_ids}
     write_atomic(out_dir / FINISHED_FILE, json.dumps(finished, indent=1, sort_keys=True))
 
 
-def _finished(out_dir: Path) -> dict[str, str]:
-    """Method -> sha256 of its finished generations file."""
+def _digest(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()[:16]
+
+
+def _finished(out_dir: Path) -> dict[str, dict[str, str]]:
+    """Method -> prompt id -> digest of its finished line."""
     path = out_dir / FINISHED_FILE
     if not path.exists():
         return {}
@@ -99,18 +104,20 @@ def _finished(out_dir: Path) -> dict[str, str]:
 
 
 def check_files(out_dir: Path) -> None:
-    """Refuse damaged generations: a finished file changed since, or a complete line that is not JSON."""
+    """Refuse damaged generations: a complete line that is not a row, or a finished line changed since."""
     finished = _finished(out_dir)
     for path in [*out_dir.glob("prompted_gens_*.jsonl"), *(out_dir / SHARDS_DIR).glob("*.jsonl")]:
-        method = path.name.removeprefix("prompted_gens_").removesuffix(".jsonl")
-        if path.parent == out_dir and method in finished:
-            if hashlib.sha256(path.read_bytes()).hexdigest() != finished[method]:
+        rows = read_rows(path, truncate=False)
+        recorded = finished.get(path.name.removeprefix("prompted_gens_").removesuffix(".jsonl"))
+        if path.parent != out_dir or not isinstance(recorded, dict):
+            continue
+        data = path.read_bytes()
+        for n, (line, row) in enumerate(zip(data[: data.rfind(b"\n") + 1].splitlines(), rows), 1):
+            if recorded.get(row["prompt"]["id"]) != _digest(line):
                 raise DesteinError(
-                    f"{path} changed after its run finished (damaged or edited); delete it to have "
-                    "its prompts generated again"
+                    f"{path}:{n} changed after its run finished (damaged or edited); delete that line "
+                    "to have its prompt generated again"
                 )
-        else:
-            read_rows(path, truncate=False)
 
 
 @contextmanager
@@ -222,7 +229,10 @@ def read_rows(path: Path, *, truncate: bool) -> list[dict[str, Any]]:
         except ValueError:  # not JSON, or not UTF-8
             row = None
         if not _is_row(row):
-            raise DesteinError(f"{path}:{n}: not a complete generations line; the run folder is damaged")
+            raise DesteinError(
+                f"{path}:{n}: not a generations line (the folder is damaged); delete that line to have "
+                "its prompt generated again"
+            )
         rows.append(row)
     return rows
 

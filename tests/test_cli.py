@@ -169,7 +169,7 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
         "act strength must be within",
     ),
     "samples 0": (lambda t, v: ["run", "--samples", "0", "--out", str(t / "r")], "samples"),
-    "max-prompts 0": (lambda t, v: ["run", "--max-prompts", "0", "--out", str(t / "r")], "max_prompts"),
+    "max-prompts 0": (lambda t, v: ["run", "--max-prompts", "0", "--out", str(t / "r")], "--max-prompts"),
     "batch-size 0": (lambda t, v: ["run", "--batch-size", "0", "--out", str(t / "r")], "batch_size"),
     "attribute unknown study": (
         lambda t, v: ["attribute", "--study", "probing", "--out", str(t / "r")],
@@ -451,7 +451,7 @@ FOLDER_CASES: dict[str, tuple[Callable[[Path], None], list[str], str]] = {
     "a damaged line": (
         lambda d: gens_path(d, "baseline").write_text("{not json\n" + gens_path(d, "baseline").read_text()),
         [],
-        "changed after its run finished",
+        "not a generations line",
     ),
     "a flipped text": (lambda d: _flip_first_line(gens_path(d, "destein@0.05")), [], "changed after"),
 }

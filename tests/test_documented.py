@@ -145,11 +145,23 @@ def test_every_documented_option_exists() -> None:
         assert not missing, f"{line!r} names options {name} does not take: {missing}"
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900)
+def _in_process(args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
+    """`destein-lens args` in this process (no interpreter start-up): exit status and stderr."""
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        cli.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
 
-def test_every_documented_command_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_every_documented_command_runs(tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from destein_lens import figures
+
+    saver = figures._Saver  # PNG export is test_figures' subject
+    monkeypatch.setattr(figures, "_Saver", lambda out, formats: saver(out, ("html",)))
     values = _placeholders(tmp_path, tiny_model_dir)
     ran = []
     written = {"compare": "runs/compare", "attribute": "runs/attribution"}  # the latest folder of each
@@ -165,19 +177,28 @@ def test_every_documented_command_runs(tiny_model_dir: Path, tmp_path: Path) -> 
         for flag, source in (("--compare", "compare"), ("--attribution", "attribute")):
             if name == "figures" and flag in args:  # the folder an earlier documented line wrote
                 args[args.index(flag) + 1] = written[source]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        argv = [*(launcher if launched else [sys.executable]), "-m", "destein_lens", *args]
         extra = ["--model", str(tiny_model_dir), *SMALL[name]]
+        if name == "compare" and "--methods" not in args:
+            extra += ["--methods", "baseline,destein,actadd"]
         if name == "compare" and "--calibration-prompts" in args:
             extra += ["--calibration-prompts", values["C"], "--max-calibration-prompts", "2"]
         if name == "induce":
             extra += ["--seeds", values["seeds"]]
         if name == "attribute" and "--held-out" not in args:
             extra += ["--held-out", values["Q"]]
-        done = _run([*argv, *extra, "--dtype", "float32"] if name != "figures" else [*argv, *extra], tmp_path)
-        if name == "induce" and done.returncode == 2:  # a random-weight model writes no toxic drafts
-            assert done.stderr.strip().splitlines()[-1].startswith("error: no steering pairs induced")
+        if name != "figures":
+            extra += ["--dtype", "float32"]
+        if launched:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+            done = subprocess.run(
+                [*launcher, "-m", "destein_lens", *args, *extra], cwd=tmp_path, capture_output=True, text=True
+            )
+            code, err = done.returncode, done.stderr
         else:
-            assert done.returncode == 0, f"{line}\n{shlex.join(argv + extra)}\n{done.stderr[-3000:]}"
+            code, err = _in_process([*args, *extra], tmp_path, capsys, monkeypatch)
+        if name == "induce" and code == 2:  # a random-weight model writes no toxic drafts
+            assert err.strip().splitlines()[-1].startswith("error: no steering pairs induced")
+        else:
+            assert code == 0, f"{line}\n{shlex.join(args + extra)}\n{err[-3000:]}"
         ran.append(line)
     assert len(ran) >= 14

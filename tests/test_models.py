@@ -209,7 +209,8 @@ def test_second_architecture_loads_offline_and_steers() -> None:
 def test_dtype_names_resolve_and_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     from destein_lens.models import resolve_dtype
 
-    assert resolve_dtype("float16", "cpu", generates=True) is torch.float16
+    with pytest.raises(DesteinError, match="float16 is not supported on cpu"):
+        resolve_dtype("float16", "cpu", generates=True)
     assert resolve_dtype("float32", "cpu", generates=True) is torch.float32
     assert resolve_dtype("auto", "cpu", generates=False) is torch.float32  # vectors, attribution
     monkeypatch.setattr(models_module, "fast_bfloat16", lambda device: True)
