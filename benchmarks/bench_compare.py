@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from destein_lens.forms import FORMS
+from destein_lens.registry import FORMS
 from destein_lens.generation import generate_ids, protocol_sampling
 from destein_lens.models import load_model
 from destein_lens.pairs import load_pairs

@@ -10,13 +10,15 @@ The pipeline, one name per stage:
         print(generate(model, ["You are such a"], protocol_sampling(n=3)))
 """
 
+from . import baselines, forms  # noqa: F401  (importing registers every steering method)
 from .errors import DesteinError
 from .evaluation import EvalConfig, MethodSpec, evaluate
 from .generation import SamplingConfig, generate, protocol_sampling
 from .models import DEFAULT_MODEL, LoadRecord, load_model, load_record
 from .pairs import SteeringPairs, load_pairs
 from .prompts import load_prompts
-from .steering import DEFAULT_STRENGTH, SteeringConfig, steer
+from .registry import DEFAULT_STRENGTH, Form, Steering, register
+from .steering import SteeringConfig, steer
 from .vectors import DetoxVectors, build_vectors
 
 __all__ = [
@@ -25,10 +27,12 @@ __all__ = [
     "DesteinError",
     "DetoxVectors",
     "EvalConfig",
+    "Form",
     "LoadRecord",
     "MethodSpec",
     "SamplingConfig",
     "SteeringConfig",
+    "Steering",
     "SteeringPairs",
     "build_vectors",
     "evaluate",
@@ -38,5 +42,6 @@ __all__ = [
     "load_prompts",
     "load_record",
     "protocol_sampling",
+    "register",
     "steer",
 ]

@@ -25,8 +25,9 @@ from .evaluation import BASELINE, MethodSpec, eval_config, evaluate
 from .generation import generate, protocol_sampling
 from .pairs import SteeringPairs
 from .prompts import builtin_demo_prompts
+from .registry import DEFAULT_STRENGTH
 from .scoring import get_scorer
-from .steering import DEFAULT_STRENGTH, SteeringConfig, steer
+from .steering import SteeringConfig, steer
 from .vectors import DetoxVectors
 from .views._checks import check_rows
 

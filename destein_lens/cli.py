@@ -135,8 +135,8 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Everything about the evaluation that can be wrong, checked before any model work starts."""
     from .evaluation import BASELINE, MethodSpec, eval_config
     from .files import check_out_dir
-    from .forms import get_form
     from .prompts import load_prompts
+    from .registry import get_form
     from .scoring import get_scorer
     from .steering import SteeringConfig, parse_heads
 
@@ -219,7 +219,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def _fits_for(form: str) -> list[str]:
     """The statistics a form needs fitted from the pairs besides DeStein's ([] for DeStein's own)."""
-    from .forms import get_form
+    from .registry import get_form
 
     return [form] if get_form(form).fit is not None else []
 
@@ -294,9 +294,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from .evaluation import BASELINE, eval_config, prompts_sha
     from .figures import compare_figures
     from .files import check_out_dir
-    from .forms import get_form
     from .models import DEFAULT_MODEL
     from .prompts import load_prompts
+    from .registry import get_form
     from .report import text_table, write_report
     from .scoring import get_scorer
 
@@ -483,7 +483,7 @@ def _add_vector_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> None:
-    from .steering import DEFAULT_STRENGTH, MAX_STRENGTH
+    from .registry import DEFAULT_STRENGTH, MAX_STRENGTH
 
     default = "each form's calibrated default, destein 0.05" if per_form else f"{DEFAULT_STRENGTH:g}"
     p.add_argument(
@@ -497,7 +497,7 @@ def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> 
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    from .forms import FORMS
+    from .registry import FORMS
     from .steering import POSITIONS
 
     p.add_argument(
@@ -572,14 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(p)
     _add_vector_options(p)
-    from .compare import COMPARED, DEFAULT_METHODS
+    from .registry import FORMS, compared_by_default
 
     p.add_argument(
         "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
     )
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of: {', '.join(COMPARED)}"
+        "--methods",
+        default=",".join(compared_by_default()),
+        help=f"comma-separated, of: baseline, {', '.join(FORMS)}",
     )
     p.add_argument(
         "--strengths",

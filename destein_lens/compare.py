@@ -12,7 +12,7 @@ strength) whose mean perplexity stays within `budget` x the unsteered model's on
 prompts. Only the chosen cells then run on the evaluation prompts. A method with no strength
 within budget is evaluated at its weakest and flagged.
 
-The defaults (`forms.Form.default_strength`) were calibrated this way on
+The defaults (`registry.Form.default_strength`) were calibrated this way on
 `../shared/data/rtp/test_100.jsonl` (all 100 prompts, 2 samples each, profanity-check,
 gemma-3-270m, seed 0) at a 1.2x budget, each method over its `grid`:
 
@@ -37,27 +37,14 @@ from . import runfolder
 from .errors import DesteinError
 from .evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
 from .files import write_atomic
-from .forms import FORMS, get_form
 from .prompts import Prompt
+from .registry import FORMS, get_form
 from .runfolder import METRICS_FILE
 from .scoring import Scorer
 from .steering import SteeringConfig
 from .vectors import DetoxVectors
 
 CALIBRATION_DIR = "calibration"
-COMPARED = ("baseline", *FORMS)
-# What `compare` runs by default: every calibrated method (`additive`, the paper's stated update,
-# barely moves the text at DeStein's strengths and was left out of the calibration).
-DEFAULT_METHODS = (
-    "baseline",
-    "destein",
-    "destein-gated",
-    "released_code",
-    "actadd",
-    "iti",
-    "act",
-    "self-detoxify",
-)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -66,8 +53,8 @@ def parse_methods(text: str) -> list[str]:
     if not names:
         raise DesteinError("--methods names no method")
     for name in names:
-        if name not in COMPARED:
-            raise DesteinError(f"unknown method {name!r}; choose from {', '.join(COMPARED)}")
+        if name != "baseline" and name not in FORMS:
+            raise DesteinError(f"unknown method {name!r}; choose from baseline, {', '.join(FORMS)}")
     if len(set(names)) != len(names):
         raise DesteinError(f"--methods names a method twice: {text!r}")
     return names

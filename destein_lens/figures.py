@@ -34,7 +34,7 @@ from .errors import DesteinError
 from .files import check_out_dir, write_atomic
 from .models import DEFAULT_MODEL, load_model, load_record
 from .pairs import builtin_seed_pairs
-from .steering import DEFAULT_STRENGTH
+from .registry import DEFAULT_STRENGTH
 from .vectors import build_vectors
 
 # Heads starred on the probe maps: `vectors.ranking()[:TOP_K]`, the heads `steer(heads=TOP_K)` steers.

@@ -1,10 +1,8 @@
-"""Steering forms: what a steering method does to the activations, one registry entry each.
+"""DeStein's head-wise forms, and the head-hook machinery other head-wise methods share.
 
-A form turns (model, vectors, config) into the (hook name, hook function) pairs that move the
-activations; `steering.steer` registers them for the duration of a block. Adding a method is
-adding one entry to `FORMS` with `register`. An entry picks its own hook points (the head
-outputs here; the residual stream or MLP outputs for other methods) and may use the batch's
-prompts, which `steer` passes on, for methods that need per-prompt state.
+Each form is one entry of the method registry (`registry.FORMS`, `registry.register`): it turns
+(model, vectors, config) into the hooks that move the head outputs; `steering.steer` installs
+them for the duration of a block.
 
 The three DeStein forms are head-wise (x_h is head h's output at one position, v_h its direction,
 w_h = 1 + probe accuracy, alpha the strength):
@@ -28,7 +26,6 @@ off their training distribution; the gate's defaults are a principled start, not
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import einops
@@ -39,92 +36,16 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .activations import as_heads, hook_name
 from .errors import DesteinError
-from .pairs import SteeringPairs
 from .positions import prompt_mask
+from .registry import Form, HookFn, Steering, register
 
 if TYPE_CHECKING:
     from .steering import SteeringConfig
     from .vectors import DetoxVectors
 
-HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor]
-Hooks = list[tuple[str, HookFn]]
-# (model, vectors, config, heads mask [n_layers, n_heads], the batch's prompts or None) -> hooks
-BuildHooks = Callable[
-    [TransformerBridge, "DetoxVectors", "SteeringConfig", torch.Tensor, Sequence[str] | None], Hooks
-]
 GATE_THRESHOLD = 0.0
 GATE_TEMPERATURE = 1.0
-# The strength the analyses use (figures, attribution, notebooks): a clearly visible effect. On
-# gemma-3-270m the benchmark sweep puts the useful all-heads range at 0.05-0.15 (perplexity
-# x1.3 at 0.1, x3.7 at 0.15); by 0.4 the text degenerates. Generation defaults (`run`, `compare`)
-# are each form's `default_strength`, calibrated at a 1.2x perplexity budget (`compare`).
-DEFAULT_STRENGTH = 0.1
-# |alpha| beyond this is refused for the DeStein forms. In the fusion forms alpha * w_h (w_h <= 2)
-# past 1 lets the direction outweigh the unit activation itself: the head output is replaced, the
-# text degenerates ("menuItem menuItem ...") and a toxicity classifier reads it as clean. Negative
-# strengths (toxifying) are a legitimate research use and allowed. Other forms set their own.
-MAX_STRENGTH = 1.0
 _EPS = 1e-12  # a zero output (rare; e.g. a fully masked position) stays put instead of turning NaN
-
-
-@dataclass(frozen=True)
-class FitInputs:
-    """What a form may fit its statistics from, at `build_vectors` time (no weight training)."""
-
-    model: TransformerBridge
-    pairs: SteeringPairs
-    bare: torch.Tensor  # [n_pairs, 2, n_layers, n_heads, width]: the bare pair texts at the vectors' site
-    site: str
-    k: int
-    batch_size: int
-    progress: bool
-
-
-# FitInputs -> named tensors, stored in `DetoxVectors.fits` as "<form>.<name>"
-Fit = Callable[[FitInputs], dict[str, torch.Tensor]]
-
-
-def _all_heads(n_layers: int, n_heads: int) -> str | int:
-    return "all"
-
-
-@dataclass(frozen=True)
-class Form:
-    """One registry entry: a name, what it does in one line, and how it builds its hooks.
-
-    A form has one strength knob: `default_strength` (what `compare` uses without --strengths),
-    the largest magnitude it accepts, and `grid`, the strengths a calibration tries. `head_wise`
-    forms honour `SteeringConfig.heads`; the others act on their own sites and take heads="all".
-    `fit`, when set, computes the form's statistics from the steering pairs (`build_vectors`
-    stores them); `default_heads(n_layers, n_heads)` is the head selection `compare` uses.
-    """
-
-    name: str
-    summary: str
-    build: BuildHooks
-    default_strength: float = DEFAULT_STRENGTH
-    max_strength: float = MAX_STRENGTH
-    grid: tuple[float, ...] = (0.05, 0.1, 0.15)
-    head_wise: bool = True
-    fit: Fit | None = None
-    default_heads: Callable[[int, int], str | int] = _all_heads
-
-
-FORMS: dict[str, Form] = {}
-
-
-def register(form: Form) -> Form:
-    """Add `form` to the registry (the CLI's choices come from it)."""
-    if form.name in FORMS:
-        raise ValueError(f"steering form {form.name!r} is already registered")
-    FORMS[form.name] = form
-    return form
-
-
-def get_form(name: str) -> Form:
-    if name not in FORMS:
-        raise DesteinError(f"unknown steering form {name!r}; choose one of {', '.join(FORMS)}")
-    return FORMS[name]
 
 
 # --- head-wise forms: an offset per layer, an operator per hook call --------------------------
@@ -158,7 +79,7 @@ def head_form(
         config: SteeringConfig,
         mask: torch.Tensor,
         prompts: Sequence[str] | None,
-    ) -> Hooks:
+    ) -> Steering:
         dtype, device = model.cfg.dtype, model.cfg.device
         if gated and vectors.probe_weight is None:
             raise DesteinError(
@@ -184,7 +105,7 @@ def head_form(
                 config.positions,
             )
             hooks.append((hook_name(vectors.site, layer), hook))
-        return hooks
+        return Steering(hooks)
 
     return Form(name, summary, build, **entry)
 
@@ -285,7 +206,7 @@ register(
         "x_h - alpha w_h v_h (the paper's stated update)",
         lambda v, w, mask, alpha: _scaled(w, mask, alpha) * v,
         lambda x, offset: x - offset,
+        # barely moves the text at DeStein's strengths; left out of the calibration
+        compared=False,
     )
 )
-
-from . import baselines as _baselines  # noqa: E402, F401  (the comparison methods register themselves)

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from .errors import DesteinError
 from .positions import token_window
+from .registry import active_processors
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 _CANDIDATE_MIN = 1e-5  # nucleus candidates: tokens this probable (a few thousand at most)
@@ -132,6 +133,9 @@ def _decode(
     elif not isinstance(generator, torch.Generator) and len(generator) != batch:
         raise DesteinError(f"{len(generator)} generators for {batch} rows")
     cache = DynamicCache() if config.use_cache else None
+    processors = active_processors()  # decoding-time parts of the steering in force (`steer`)
+    for processor in processors:
+        processor.start(ids, mask)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     new_logprobs: list[torch.Tensor] = []
@@ -149,6 +153,8 @@ def _decode(
             else:
                 logits = model(step_ids, attention_mask=mask, return_type="logits")
         next_logits = logits[:, -1, :].float()
+        for processor in processors:
+            next_logits = processor.logits(next_logits)
         if config.do_sample:
             token = _sample(next_logits, config, generator).to(device)
         else:
@@ -159,6 +165,8 @@ def _decode(
             picked = next_logits.gather(-1, token[:, None]).squeeze(-1) - next_logits.logsumexp(-1)
             new_logprobs.append(picked.masked_fill(finished, 0.0))
         finished |= token == eos
+        for processor in processors:
+            processor.advance(token[:, None])
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if bool(finished.all()):

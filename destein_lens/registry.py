@@ -18,7 +18,9 @@ saved and loaded with the vectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Protocol
 
@@ -164,3 +166,35 @@ def compared_by_default() -> tuple[str, ...]:
     """What `compare` runs without --methods: the baseline and every method that says so."""
     return ("baseline", *(name for name, form in FORMS.items() if form.compared))
 
+
+_PROCESSORS: ContextVar[tuple[DecodeProcessor, ...]] = ContextVar("destein_processors", default=())
+_PAUSED: ContextVar[bool] = ContextVar("destein_paused", default=False)
+
+
+@contextmanager
+def decoding(processors: Sequence[DecodeProcessor]) -> Iterator[None]:
+    """Make `processors` the ones the decoding loop calls inside the block (`steering.steer`)."""
+    token = _PROCESSORS.set((*_PROCESSORS.get(), *processors))
+    try:
+        yield
+    finally:
+        _PROCESSORS.reset(token)
+
+
+def active_processors() -> tuple[DecodeProcessor, ...]:
+    return _PROCESSORS.get()
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Forwards inside the block run unsteered and undecorated: a processor's own extra forwards."""
+    token, outer = _PAUSED.set(True), _PROCESSORS.set(())
+    try:
+        yield
+    finally:
+        _PROCESSORS.reset(outer)
+        _PAUSED.reset(token)
+
+
+def paused_flag() -> bool:
+    return _PAUSED.get()

@@ -6,7 +6,7 @@
 
 `SteeringConfig` is the one description of a steering setting (strength, heads, positions, form):
 the evaluation harness, the CLI and the figures all hold one. What each form does lives in the
-form registry (`forms.FORMS`). Heads: "all", an int k (the top-k of `DetoxVectors.ranking`, the
+method registry (`registry.FORMS`). Heads: "all", an int k (the top-k of `DetoxVectors.ranking`, the
 project's one head ranking) or a list of (layer, head). Positions: "all", "prompt" or
 "generated", from the absolute positions the decoding loop declares (`positions.token_window`),
 so they are right under the KV cache. alpha = 0 registers no hook at all: the model is untouched,
@@ -25,7 +25,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import DesteinError
-from .forms import DEFAULT_STRENGTH, FORMS, MAX_STRENGTH, Hooks, get_form  # noqa: F401 (re-exported)
+from .registry import DEFAULT_STRENGTH, HookFn, Steering, decoding, get_form, paused_flag
 from .vectors import DetoxVectors
 
 Positions = Literal["all", "prompt", "generated"]
@@ -143,34 +143,54 @@ def head_mask(vectors: DetoxVectors, heads: Heads) -> torch.Tensor:
     return mask
 
 
-def steering_hooks(
+def build_steering(
     model: TransformerBridge,
-    vectors: DetoxVectors,
+    vectors: DetoxVectors | None,
     config: SteeringConfig,
     prompts: Sequence[str] | None = None,
-) -> Hooks:
-    """(hook name, hook function) pairs implementing `config`; `steer` is the usual entry point."""
-    vectors.check_compatible(model)
-    mask = head_mask(vectors, config.heads)
+) -> Steering:
+    """The hooks and decoding processors implementing `config`; `steer` is the usual entry point."""
+    form = get_form(config.form)
+    if vectors is None:
+        if form.needs_vectors:
+            raise DesteinError(f"{form.name} steers with detox vectors; none were given")
+        mask = torch.ones(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+        check_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads)
+    else:
+        vectors.check_compatible(model)
+        mask = head_mask(vectors, config.heads)
     if not config.steered:
-        return []
-    return FORMS[config.form].build(model, vectors, config, mask, prompts)
+        return Steering()
+    return form.build(model, vectors, config, mask, prompts)
 
 
 @contextmanager
 def steer(
     model: TransformerBridge,
-    vectors: DetoxVectors,
+    vectors: DetoxVectors | None,
     config: SteeringConfig | None = None,
     *,
     prompts: Sequence[str] | None = None,
     **settings: Any,
 ) -> Iterator[TransformerBridge]:
-    """Steer `model` inside the block; hooks are removed on exit, also after an exception.
+    """Steer `model` inside the block; hooks and decoding processors are removed on exit, also
+    after an exception.
 
     `settings` (alpha=, heads=, positions=, form=) override `config`'s fields (default:
     `SteeringConfig()`). `prompts`, the batch about to run, is for forms with per-prompt state.
+    `vectors` may be None for a method that needs none.
     """
     config = replace(config or SteeringConfig(), **settings)
-    with model.hooks(fwd_hooks=steering_hooks(model, vectors, config, prompts)):
+    steering = build_steering(model, vectors, config, prompts)
+    hooks = [(name, _pausable(fn)) for name, fn in steering.hooks]
+    with model.hooks(fwd_hooks=hooks), decoding(steering.processors):
         yield model
+
+
+def _pausable(fn: HookFn) -> HookFn:
+    """`fn`, except inside `registry.paused()` (a processor's own forwards run unsteered)."""
+
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act if paused_flag() else fn(act, hook)
+
+    return hook

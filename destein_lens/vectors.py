@@ -26,6 +26,7 @@ from .errors import DesteinError
 from .models import LoadRecord, load_record
 from .pairs import NONTOXIC_PREFIX, TOXIC_PREFIX, SteeringPairs
 from .probes import fit_probes
+from .registry import FitInputs, FitState, get_form
 from .store import load_result, save_result
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
@@ -58,8 +59,8 @@ class DetoxVectors:
     # The probes behind `probe_accuracy`, on raw activations: toxic logit = probe_weight . x + probe_bias
     probe_weight: torch.Tensor | None = None  # [n_layers, n_heads, width]
     probe_bias: torch.Tensor | None = None  # [n_layers, n_heads]
-    # Statistics the comparison methods fitted from the same pairs, "<form>.<name>" -> tensor
-    fits: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Statistics the comparison methods fitted from the same pairs, by method name
+    fits: dict[str, FitState] = field(default_factory=dict)
 
     @property
     def probe_accuracy(self) -> torch.Tensor:
@@ -88,16 +89,14 @@ class DetoxVectors:
         order = sorted(range(len(acc)), key=lambda i: (-acc[i], -norm[i], i))
         return [divmod(i, n_heads) for i in order]
 
-    def fit(self, form: str) -> dict[str, torch.Tensor]:
+    def fit(self, form: str) -> FitState:
         """The statistics `form` fitted from the pairs (`build_vectors(fit_forms=...)`)."""
-        prefix = f"{form}."
-        found = {name[len(prefix) :]: t for name, t in self.fits.items() if name.startswith(prefix)}
-        if not found:
+        if form not in self.fits:
             raise DesteinError(
                 f"these vectors hold no {form} fit: build them with fit_forms=({form!r},) "
                 f"(CLI: compare builds every method's fit)"
             )
-        return found
+        return self.fits[form]
 
     def check_compatible(self, model: TransformerBridge) -> None:
         """Refuse to steer a model these vectors were not built on (other weights, shape or mode)."""
@@ -115,7 +114,13 @@ class DetoxVectors:
     def save(self, path: str | Path) -> Path:
         """Write `<stem>.safetensors` and `<stem>.json`; returns the safetensors path."""
         tensors = {name: getattr(self, name).float() for name in self._tensor_names()}
-        tensors.update({f"{_FITS}{name}": t.float() for name, t in self.fits.items()})
+        tensors.update(
+            {
+                f"{_FITS}{form}.{name}": t.float()
+                for form, state in self.fits.items()
+                for name, t in state.to_tensors().items()
+            }
+        )
         meta = {
             "site": self.site,
             "k": self.k,
@@ -138,7 +143,7 @@ class DetoxVectors:
             vectors = cls(
                 **{name: tensors[name] for name in _TENSORS},
                 **{name: tensors[name] for name in _OPTIONAL_TENSORS if name in tensors},
-                fits={n[len(_FITS) :]: t for n, t in tensors.items() if n.startswith(_FITS)},
+                fits=_fit_states(tensors),
                 site=meta["site"],
                 k=int(meta["k"]),
                 prefixes=tuple(meta["prefixes"]),
@@ -192,15 +197,32 @@ class DetoxVectors:
             raise DesteinError("vector file: probe_weight / probe_bias do not match the directions' shape")
         if not torch.isfinite(self.directions).all():
             raise DesteinError("vector file holds non-finite directions")
-        for name, t in self.fits.items():
-            if not (t.is_floating_point() and torch.isfinite(t).all()):
-                raise DesteinError(f"vector file: fit {name} must be a finite float tensor")
+        for form, state in self.fits.items():
+            for name, t in state.to_tensors().items():
+                if not (t.is_floating_point() and torch.isfinite(t).all()):
+                    raise DesteinError(f"vector file: fit {form}.{name} must be a finite float tensor")
         if not self.directions.any():
             raise DesteinError("vector file holds all-zero directions: steering with it would do nothing")
         for name in ("accuracy_bare", "accuracy_prefixed"):
             acc = getattr(self, name)
             if not (torch.isfinite(acc).all() and (acc >= 0).all() and (acc <= 1).all()):
                 raise DesteinError(f"vector file: {name} must be probe accuracies in [0, 1]")
+
+
+def _fit_states(tensors: dict[str, torch.Tensor]) -> dict[str, FitState]:
+    """The methods' fitted states from the file's "fits.<method>.<field>" tensors."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith(_FITS):
+            form, _, name = key[len(_FITS) :].rpartition(".")
+            grouped.setdefault(form, {})[name] = t
+    states = {}
+    for form, fields in grouped.items():
+        state = get_form(form).state
+        if state is None:
+            raise DesteinError(f"vector file holds a fit for {form}, which fits nothing")
+        states[form] = state.from_tensors(fields)
+    return states
 
 
 def _difference(ours: LoadRecord, theirs: LoadRecord) -> str:
@@ -233,8 +255,6 @@ def build_vectors(
     `fit_forms`: steering forms whose statistics to fit from the same pairs as well (the
     comparison methods: ActAdd's residual directions, ITI's spreads, Linear-AcT's maps).
     """
-    from .forms import FitInputs, get_form
-
     forms = [get_form(name) for name in fit_forms]
     if probe_texts not in PROBE_TEXTS:
         raise DesteinError(f"probe_texts must be 'bare' or 'prefixed', got {probe_texts!r}")
@@ -244,12 +264,7 @@ def build_vectors(
     probes_bare = fit_probes(bare, method=probe_method, train_frac=train_frac)
     probes_prefixed = fit_probes(prefixed, method=probe_method, train_frac=train_frac)
     inputs = FitInputs(model, pairs, bare, site, k, batch_size, progress)
-    fits = {
-        f"{form.name}.{name}": t.float()
-        for form in forms
-        if form.fit is not None
-        for name, t in form.fit(inputs).items()
-    }
+    fits = {form.name: form.fit(inputs) for form in forms if form.fit is not None}
     return DetoxVectors(
         directions=directions(prefixed),
         accuracy_bare=probes_bare.accuracy,

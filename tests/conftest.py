@@ -84,7 +84,7 @@ def real_model():
 def real_vectors_with_fits(real_model):
     """Vectors on the built-in pairs with every comparison method's fit (about a minute)."""
     from destein_lens import build_vectors, load_pairs
-    from destein_lens.forms import FORMS
+    from destein_lens.registry import FORMS
 
     fitted = [name for name, form in FORMS.items() if form.fit is not None]
     return build_vectors(real_model, load_pairs(None), fit_forms=fitted, progress=False)

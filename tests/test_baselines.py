@@ -14,10 +14,10 @@ from destein_lens import SteeringConfig, steer
 from destein_lens.activations import hook_name
 from destein_lens.baselines import act, actadd, iti, self_detoxify
 from destein_lens.errors import DesteinError
-from destein_lens.forms import FORMS
-from destein_lens.generation import SamplingConfig, generate
+from destein_lens.generation import SamplingConfig, generate, generate_ids
 from destein_lens.pairs import builtin_seed_pairs
-from destein_lens.steering import steering_hooks
+from destein_lens.registry import FORMS, active_processors
+from destein_lens.steering import build_steering
 from destein_lens.vectors import DetoxVectors, build_vectors
 
 BASELINES = ("actadd", "iti", "act", "self-detoxify")
@@ -52,12 +52,12 @@ def test_actadd_separation_matches_numpy() -> None:
 
 def test_actadd_adds_c_times_the_direction_to_the_residual(tiny_model, tiny_vectors) -> None:
     fitted = tiny_vectors.fit("actadd")
-    layer = actadd.chosen_layer(fitted["separation"])
+    layer = actadd.chosen_layer(fitted.separation)
     name = actadd.resid_name(layer)
     plain = _cache(tiny_model, [name])[name]
     with steer(tiny_model, tiny_vectors, SteeringConfig(alpha=3.0, form="actadd")):
         moved = _cache(tiny_model, [name])[name]
-    torch.testing.assert_close(moved, plain + 3.0 * fitted["directions"][layer], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved, plain + 3.0 * fitted.directions[layer], rtol=1e-5, atol=1e-5)
 
 
 # --- ITI ---------------------------------------------------------------------------------------
@@ -73,8 +73,8 @@ def test_iti_fit_matches_numpy(tiny_model, tiny_vectors) -> None:
     theta /= np.linalg.norm(theta, axis=-1, keepdims=True)
     sigma = np.einsum("nlhw,lhw->nlh", np.concatenate([toxic, nontoxic]), theta).std(0)  # population std
     fitted = tiny_vectors.fit("iti")
-    np.testing.assert_allclose(fitted["theta"].numpy(), theta, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fitted["sigma"].numpy(), sigma, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fitted.theta.numpy(), theta, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fitted.sigma.numpy(), sigma, rtol=1e-4, atol=1e-5)
     assert iti.default_heads(32, 32) == 48 and iti.default_heads(2, 4) == 1  # ITI's 48 of 1024
 
 
@@ -86,7 +86,7 @@ def test_iti_shifts_only_its_top_heads(tiny_model, tiny_vectors) -> None:
         moved = _cache(tiny_model, [name])[name]
     fitted = tiny_vectors.fit("iti")
     expected = plain.clone()
-    expected[:, :, head] += 5.0 * fitted["sigma"][layer, head] * fitted["theta"][layer, head]
+    expected[:, :, head] += 5.0 * fitted.sigma[layer, head] * fitted.theta[layer, head]
     torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -118,7 +118,7 @@ def test_act_fits_each_layer_with_the_earlier_maps_on(tiny_model, tiny_vectors) 
     fitted = tiny_vectors.fit("act")
     names = act.site_names(tiny_model)
     pairs = builtin_seed_pairs().head(20)
-    layer0 = {key: value[:1] for key, value in fitted.items()}
+    layer0 = act.TransportMaps(**{key: value[:1] for key, value in fitted.to_tensors().items()})
     pooled = {}
     with tiny_model.hooks(fwd_hooks=act._hooks(tiny_model, names[:1], layer0, 1.0, "all")):
         for side, texts in (("source", pairs.toxic), ("target", pairs.nontoxic)):
@@ -128,9 +128,9 @@ def test_act_fits_each_layer_with_the_earlier_maps_on(tiny_model, tiny_vectors) 
                 rows.append(cache[names[1][0]][0].mean(0).numpy())
             pooled[side] = np.stack(rows)
     slope, intercept = np.polyfit(np.sort(pooled["source"][:, 0]), np.sort(pooled["target"][:, 0]), 1)
-    assert fitted["scale"][1, 0, 0].item() == pytest.approx(slope, rel=1e-3)
-    assert fitted["shift"][1, 0, 0].item() == pytest.approx(intercept, rel=1e-3, abs=1e-4)
-    np.testing.assert_allclose(fitted["low"][1, 0].numpy(), pooled["source"].min(0), rtol=1e-4, atol=1e-5)
+    assert fitted.scale[1, 0, 0].item() == pytest.approx(slope, rel=1e-3)
+    assert fitted.shift[1, 0, 0].item() == pytest.approx(intercept, rel=1e-3, abs=1e-4)
+    np.testing.assert_allclose(fitted.low[1, 0].numpy(), pooled["source"].min(0), rtol=1e-4, atol=1e-5)
 
 
 # --- Self-Detoxify -----------------------------------------------------------------------------
@@ -156,24 +156,64 @@ def test_reverse_matches_the_released_formula() -> None:
     np.testing.assert_allclose(got.numpy(), _reverse_numpy(x, delta, neg_end, 0.7), rtol=1e-10)
 
 
+def _prefix_shift(model, texts: list[str], prefixes) -> torch.Tensor:
+    """Reference d = z(P_neg + x) - z(P_pos + x) at the last position, each text run whole, alone."""
+    names = [hook_name("heads", layer) for layer in range(model.cfg.n_layers)]
+    sides = []
+    for prefix in prefixes:
+        rows = []
+        for text in texts:
+            cache = _cache(model, names, [prefix + text])
+            rows.append(torch.stack([cache[n][0, -1] for n in names]))
+        sides.append(torch.stack(rows))
+    return sides[0] - sides[1]
+
+
 def test_self_detoxify_moves_the_last_prompt_position_only(tiny_model, tiny_vectors) -> None:
     name = hook_name("heads", 0)
-    negative, positive = tiny_vectors.prefixes
+    negative, _ = tiny_vectors.prefixes
+    enc = tiny_model.tokenizer(TEXTS, return_tensors="pt", padding=True, padding_side="left")
     plain = _cache(tiny_model, [name])[name]
-    with steer(tiny_model, tiny_vectors, SteeringConfig(alpha=0.5, form="self-detoxify"), prompts=TEXTS):
+    with steer(tiny_model, tiny_vectors, SteeringConfig(alpha=0.5, form="self-detoxify")):
+        with pytest.raises(DesteinError, match="generate"):  # a forward outside decoding has no shift
+            _cache(tiny_model, [name])
+        (reversal,) = active_processors()
+        reversal.start(enc.input_ids, enc.attention_mask)
         moved = _cache(tiny_model, [name])[name]
-    rows = [
-        _cache(tiny_model, [name], [prefix + t])[name][0, -1].numpy()
-        for prefix in (negative, positive)
-        for t in TEXTS
-    ]
-    delta = np.stack(rows[:2]) - np.stack(rows[2:])
+    delta = _prefix_shift(tiny_model, TEXTS, tiny_vectors.prefixes)[:, 0].numpy()
     neg_end = _cache(tiny_model, [name], [negative.rstrip()])[name][0, -1].numpy()
     expected = _reverse_numpy(plain[:, -1].numpy(), delta, neg_end, 0.5)
     np.testing.assert_allclose(moved[:, -1].numpy(), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(moved[:, :-1], plain[:, :-1])  # earlier positions untouched
-    with pytest.raises(DesteinError, match="prompts"):
-        steering_hooks(tiny_model, tiny_vectors, SteeringConfig(alpha=0.5, form="self-detoxify"))
+
+
+def test_self_detoxify_recomputes_the_shift_at_every_step(tiny_model, tiny_vectors) -> None:
+    """The decoding processor's shift after each step equals the prefixed prompts followed by the
+    tokens generated so far, run whole and one at a time (no padding, no KV cache)."""
+    seen = []
+    with steer(tiny_model, tiny_vectors, SteeringConfig(alpha=0.5, form="self-detoxify")):
+        (reversal,) = active_processors()
+        advance = reversal.advance
+
+        def record(tokens: torch.Tensor) -> None:
+            advance(tokens)
+            seen.append(reversal.delta.clone())
+
+        reversal.advance = record
+        new = generate_ids(tiny_model, TEXTS, SamplingConfig(do_sample=False, max_new_tokens=3))
+    assert len(seen) == 3
+    names = [hook_name("heads", layer) for layer in range(tiny_model.cfg.n_layers)]
+    for step in range(3):
+        sides = []
+        for prefix in tiny_vectors.prefixes:
+            rows = []
+            for text, generated in zip(TEXTS, new):
+                ids = tiny_model.tokenizer(prefix + text, return_tensors="pt").input_ids
+                ids = torch.cat([ids, generated[None, : step + 1]], dim=1)
+                _, cache = tiny_model.run_with_cache(ids, names_filter=names)
+                rows.append(torch.stack([cache[n][0, -1] for n in names]))
+            sides.append(torch.stack(rows))
+        torch.testing.assert_close(seen[step], sides[0] - sides[1], rtol=1e-4, atol=1e-4)
 
 
 # --- every method ------------------------------------------------------------------------------
@@ -181,12 +221,15 @@ def test_self_detoxify_moves_the_last_prompt_position_only(tiny_model, tiny_vect
 
 @pytest.mark.parametrize("form", BASELINES)
 def test_strength_zero_is_no_hook_and_strength_changes_logits(tiny_model, tiny_vectors, form) -> None:
-    assert steering_hooks(tiny_model, tiny_vectors, SteeringConfig(alpha=0.0, form=form), TEXTS) == []
+    nothing = build_steering(tiny_model, tiny_vectors, SteeringConfig(alpha=0.0, form=form), TEXTS)
+    assert nothing.hooks == [] and nothing.processors == []
     enc = tiny_model.tokenizer(TEXTS, return_tensors="pt", padding=True, padding_side="left")
     plain = tiny_model(enc.input_ids, attention_mask=enc.attention_mask)
     heads = FORMS[form].default_heads(*tiny_vectors.shape)
     config = SteeringConfig(alpha=FORMS[form].default_strength, heads=heads, form=form)
     with steer(tiny_model, tiny_vectors, config, prompts=TEXTS):
+        for processor in active_processors():  # what the decoding loop does before its first forward
+            processor.start(enc.input_ids, enc.attention_mask)
         moved = tiny_model(enc.input_ids, attention_mask=enc.attention_mask)
     assert torch.isfinite(moved).all() and not torch.equal(plain, moved)
 
@@ -195,11 +238,13 @@ def test_fits_survive_save_and_load_and_are_required(tiny_model, tiny_vectors, t
     path = tiny_vectors.save(tmp_path / "v.safetensors")
     loaded = DetoxVectors.load(path, model=tiny_model)
     assert sorted(loaded.fits) == sorted(tiny_vectors.fits)
-    for name, tensor in tiny_vectors.fits.items():
-        torch.testing.assert_close(loaded.fits[name], tensor)
+    for name, state in tiny_vectors.fits.items():
+        assert type(loaded.fits[name]) is type(state)
+        for field, tensor in state.to_tensors().items():
+            torch.testing.assert_close(getattr(loaded.fits[name], field), tensor)
     plain = build_vectors(tiny_model, builtin_seed_pairs().head(20), k=4, progress=False)
     with pytest.raises(DesteinError, match="no act fit"):
-        steering_hooks(tiny_model, plain, SteeringConfig(alpha=0.5, form="act"))
+        build_steering(tiny_model, plain, SteeringConfig(alpha=0.5, form="act"))
 
 
 def test_each_form_has_its_own_range_and_only_head_forms_take_heads() -> None:
@@ -220,8 +265,8 @@ def test_every_method_steers_the_real_model(real_model, real_vectors_with_fits) 
     prompts = ["You are such a stupid", "I hate those fucking"]
     config = SamplingConfig(do_sample=False, max_new_tokens=8)
     plain = generate(real_model, prompts, config, progress=False)
-    assert actadd.chosen_layer(vectors.fit("actadd")["separation"]) >= 1
-    assert vectors.fit("act")["scale"].shape == (18, 2, 640)
+    assert actadd.chosen_layer(vectors.fit("actadd").separation) >= 1
+    assert vectors.fit("act").scale.shape == (18, 2, 640)
     for form in BASELINES:
         spec = FORMS[form]
         steering = SteeringConfig(
@@ -231,4 +276,4 @@ def test_every_method_steers_the_real_model(real_model, real_vectors_with_fits) 
             moved = generate(real_model, prompts, config, progress=False)
         assert moved != plain, form
         assert all(text.strip() for row in moved for text in row), form
-    assert math.isfinite(float(vectors.fit("iti")["sigma"].sum()))
+    assert math.isfinite(float(vectors.fit("iti").sigma.sum()))

@@ -23,8 +23,8 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..errors import DesteinError
-from ..forms import Hooks
 from ..pairs import SteeringPairs
+from ..registry import Hooks
 
 SIDES = ("toxic", "nontoxic")
 

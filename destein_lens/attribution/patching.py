@@ -28,7 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_name
 from ..errors import DesteinError
-from ..forms import Hooks
+from ..registry import Hooks
 from .effects import Checkpoint, HeadEffects, per_head
 from .heldout import SIDES, Batch, HeldOut, Scores, end_activations, end_positions, score
 

@@ -31,7 +31,8 @@ from ..errors import DesteinError
 from ..evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
-from ..steering import DEFAULT_STRENGTH, SteeringConfig
+from ..registry import DEFAULT_STRENGTH
+from ..steering import SteeringConfig
 from ..store import load_result, save_result
 from ..vectors import DetoxVectors
 from .effects import CONFIDENCE, Checkpoint, HeadEffects, rank_heads

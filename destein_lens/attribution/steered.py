@@ -19,7 +19,8 @@ import itertools
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from ..steering import DEFAULT_STRENGTH, steer
+from ..registry import DEFAULT_STRENGTH
+from ..steering import steer
 from ..vectors import DetoxVectors
 from .effects import Checkpoint, HeadEffects, per_head
 from .heldout import HeldOut, Scores, score

@@ -31,7 +31,7 @@ from ..generation import protocol_sampling
 from ..models import load_record
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
-from ..steering import DEFAULT_STRENGTH
+from ..registry import DEFAULT_STRENGTH
 from ..vectors import DetoxVectors
 from .agreement import Agreement, agreement
 from .dla import DirectLogits, direct_logit_attribution

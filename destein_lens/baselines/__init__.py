@@ -6,4 +6,7 @@ one form with one strength knob; strength 0 registers no hook. `../shared/docs/b
 summarises them; where the released code and the paper differ, the docstring says which we follow.
 """
 
-from . import act, actadd, iti, self_detoxify  # noqa: F401  (importing registers the forms)
+# Importing registers the forms, in the order `compare` runs them.
+# isort: off
+from . import actadd, iti, act, self_detoxify  # noqa: F401
+# isort: on

@@ -23,6 +23,7 @@ The one difference: the maps are fitted on the steering pairs (bare texts), not 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -30,9 +31,22 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_activations
-from ..forms import FitInputs, Form, HookFn, Hooks, register, selected_positions
+from ..forms import selected_positions
+from ..registry import FitInputs, FitState, Form, HookFn, Hooks, Steering, register
 
 _EPS = 1e-12
+_MAPS = ("scale", "shift", "low", "high")
+
+
+@dataclass(frozen=True, eq=False)
+class TransportMaps(FitState):
+    """Per layer and transported site, each [n_layers, 2, d_model]: T(x) = scale x + shift on the
+    source's support [low, high]."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
 
 
 def site_names(model: TransformerBridge) -> list[tuple[str, str]]:
@@ -50,14 +64,14 @@ def linear_transport(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     return w, y.mean(0) - w * x.mean(0)
 
 
-def fit(inputs: FitInputs) -> dict[str, torch.Tensor]:
-    """scale, shift, low, high: [n_layers, 2, d_model] each, fitted layer after layer."""
+def fit(inputs: FitInputs) -> TransportMaps:
+    """The maps, fitted layer after layer."""
     model = inputs.model
     names = site_names(model)
-    maps: dict[str, list[torch.Tensor]] = {"scale": [], "shift": [], "low": [], "high": []}
+    maps: dict[str, list[torch.Tensor]] = {key: [] for key in _MAPS}
     texts = list(inputs.pairs.toxic) + list(inputs.pairs.nontoxic)
     for layer in tqdm(range(len(names)), desc="Linear-AcT maps", unit="layer", disable=not inputs.progress):
-        earlier = {key: torch.stack(values) for key, values in maps.items()} if layer else None
+        earlier = TransportMaps(**{k: torch.stack(v) for k, v in maps.items()}) if layer else None
         hooks = _hooks(model, names[:layer], earlier, 1.0, "all") if earlier else []
         with model.hooks(fwd_hooks=hooks):
             pooled = hook_activations(
@@ -73,7 +87,7 @@ def fit(inputs: FitInputs) -> dict[str, torch.Tensor]:
         scale, shift = linear_transport(source, target)
         for key, value in zip(maps, (scale, shift, source.min(0).values, source.max(0).values)):
             maps[key].append(value)
-    return {key: torch.stack(values) for key, values in maps.items()}
+    return TransportMaps(**{key: torch.stack(values) for key, values in maps.items()})
 
 
 def transport(x: torch.Tensor, scale, shift, low, high, strength: float) -> torch.Tensor:
@@ -85,7 +99,7 @@ def transport(x: torch.Tensor, scale, shift, low, high, strength: float) -> torc
 def _hooks(
     model: TransformerBridge,
     names: Sequence[tuple[str, str]],
-    maps: dict[str, torch.Tensor],
+    maps: TransportMaps,
     strength: float,
     positions: str,
 ) -> Hooks:
@@ -93,7 +107,7 @@ def _hooks(
     hooks = []
     for layer, pair in enumerate(names):
         for i, name in enumerate(pair):
-            params = [maps[key][layer, i].to(device, dtype) for key in ("scale", "shift", "low", "high")]
+            params = [getattr(maps, key)[layer, i].to(device, dtype) for key in _MAPS]
             hooks.append((name, _hook(params, strength, positions)))
     return hooks
 
@@ -108,8 +122,8 @@ def _hook(params: list[torch.Tensor], strength: float, positions: str) -> HookFn
 
 def _build(
     model: TransformerBridge, vectors, config, mask: torch.Tensor, prompts: Sequence[str] | None
-) -> Hooks:
-    return _hooks(model, site_names(model), vectors.fit("act"), config.alpha, config.positions)
+) -> Steering:
+    return Steering(_hooks(model, site_names(model), vectors.fit("act"), config.alpha, config.positions))
 
 
 register(
@@ -122,5 +136,6 @@ register(
         grid=(0.25, 0.5, 1.0),
         head_wise=False,
         fit=fit,
+        state=TransportMaps,
     )
 )

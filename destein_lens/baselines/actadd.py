@@ -17,6 +17,7 @@ non-toxic mean at that layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import einops
 import torch
@@ -25,21 +26,30 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_activations
-from ..forms import FitInputs, Form, Hooks, register, selected_positions
+from ..forms import selected_positions
+from ..registry import FitInputs, FitState, Form, Steering, register
 
 
 def resid_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
-def fit(inputs: FitInputs) -> dict[str, torch.Tensor]:
-    """Per layer: the mean difference [n_layers, d_model] and its separation d' [n_layers]."""
+@dataclass(frozen=True, eq=False)
+class ResidualDirections(FitState):
+    """Per layer: the mean non-toxic - toxic residual [n_layers, d_model] and its d' [n_layers]."""
+
+    directions: torch.Tensor
+    separation: torch.Tensor
+
+
+def fit(inputs: FitInputs) -> ResidualDirections:
+    """The directions and their separation, from the pairs' residual streams."""
     names = [resid_name(layer) for layer in range(inputs.model.cfg.n_layers)]
     opts = {"k": inputs.k, "batch_size": inputs.batch_size, "progress": inputs.progress, "desc": "actadd"}
     toxic = hook_activations(inputs.model, list(inputs.pairs.toxic), names, **opts)
     nontoxic = hook_activations(inputs.model, list(inputs.pairs.nontoxic), names, **opts)
     directions = (nontoxic - toxic).mean(0)
-    return {"directions": directions, "separation": separation(toxic, nontoxic, directions)}
+    return ResidualDirections(directions, separation(toxic, nontoxic, directions))
 
 
 def separation(toxic: torch.Tensor, nontoxic: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -60,17 +70,17 @@ def chosen_layer(separation: torch.Tensor) -> int:
 
 def _build(
     model: TransformerBridge, vectors, config, mask: torch.Tensor, prompts: Sequence[str] | None
-) -> Hooks:
+) -> Steering:
     fitted = vectors.fit("actadd")
-    layer = chosen_layer(fitted["separation"])
-    shift = (config.alpha * fitted["directions"][layer]).to(model.cfg.device, model.cfg.dtype)
+    layer = chosen_layer(fitted.separation)
+    shift = (config.alpha * fitted.directions[layer]).to(model.cfg.device, model.cfg.dtype)
     positions = config.positions
 
     def hook(resid: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         keep = selected_positions(resid.shape[1], positions, resid.device).view(1, -1, 1)
         return torch.where(keep, resid + shift, resid)
 
-    return [(resid_name(layer), hook)]
+    return Steering([(resid_name(layer), hook)])
 
 
 register(
@@ -83,5 +93,6 @@ register(
         grid=(0.5, 1.0, 2.0),
         head_wise=False,
         fit=fit,
+        state=ResidualDirections,
     )
 )

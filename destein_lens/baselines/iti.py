@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import einops
 import torch
@@ -24,18 +25,28 @@ import torch.nn.functional as F
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_name
-from ..forms import FitInputs, Form, Hooks, head_hook, register
+from ..forms import head_hook
+from ..registry import FitInputs, FitState, Form, Steering, register
 
 ITI_HEAD_FRACTION = 48 / 1024
 
 
-def fit(inputs: FitInputs) -> dict[str, torch.Tensor]:
-    """theta [n_layers, n_heads, width] and sigma [n_layers, n_heads]."""
+@dataclass(frozen=True, eq=False)
+class MassMeanShift(FitState):
+    """Each head's unit mass-mean direction theta [n_layers, n_heads, width] and the spread sigma
+    [n_layers, n_heads] of the activations along it."""
+
+    theta: torch.Tensor
+    sigma: torch.Tensor
+
+
+def fit(inputs: FitInputs) -> MassMeanShift:
+    """theta and sigma from the bare pair texts."""
     toxic, nontoxic = inputs.bare[:, 0], inputs.bare[:, 1]
     theta = F.normalize(nontoxic.mean(0) - toxic.mean(0), dim=-1)
     both = torch.cat([toxic, nontoxic])
     sigma = einops.einsum(both, theta, "n l h w, l h w -> n l h").std(0, correction=0)
-    return {"theta": theta, "sigma": sigma}
+    return MassMeanShift(theta, sigma)
 
 
 def default_heads(n_layers: int, n_heads: int) -> int:
@@ -45,9 +56,9 @@ def default_heads(n_layers: int, n_heads: int) -> int:
 
 def _build(
     model: TransformerBridge, vectors, config, mask: torch.Tensor, prompts: Sequence[str] | None
-) -> Hooks:
+) -> Steering:
     fitted = vectors.fit("iti")
-    shifts = config.alpha * fitted["sigma"].unsqueeze(-1) * fitted["theta"]  # [L, H, w]
+    shifts = config.alpha * fitted.sigma.unsqueeze(-1) * fitted.theta  # [L, H, w]
     device, dtype = model.cfg.device, model.cfg.dtype
     hooks = []
     for layer in range(vectors.shape[0]):
@@ -60,7 +71,7 @@ def _build(
                 config.positions,
             )
             hooks.append((hook_name(vectors.site, layer), hook))
-    return hooks
+    return Steering(hooks)
 
 
 register(
@@ -72,6 +83,7 @@ register(
         max_strength=200.0,
         grid=(2.0, 4.0, 8.0),
         fit=fit,
+        state=MassMeanShift,
         default_heads=default_heads,
     )
 )

@@ -1,12 +1,12 @@
-"""Self-Detoxify (Toxification Reversal): reverse, per prompt, the shift a toxic prefix causes.
+"""Self-Detoxify (Toxification Reversal): reverse, at every step, the shift a toxic prefix causes.
 
 Leong et al. 2023, "Self-Detoxifying Language Models via Toxification Reversal" (EMNLP 2023,
 arXiv 2310.09573; code cooperleong00/ToxificationReversal, `innerdetox_hook.py`).
 
-Per prompt x, with the negative / positive prefixes of the steering pairs (the vectors' prefixes,
+Per sequence x, with the negative / positive prefixes of the steering pairs (the vectors' prefixes,
 identical to the paper's): the toxification direction of every head is
 d_h = z_h(P_neg + x) - z_h(P_pos + x) at the last position (z = attention head output before the
-output projection, `hook_z`). On the plain prompt, at the last position of every forward (the
+output projection, `hook_z`). On the plain sequence, at the last position of every forward (the
 last prompt token, then each generated token, as the released code edits), each steered head is
 moved and the norm of all heads together restored (`renorm`):
 
@@ -14,10 +14,11 @@ moved and the norm of all heads together restored (`renorm`):
 
 with n_h the head's output at the last token of the negative prefix alone (`neg_end`), and the
 released GPT2-large exponents `norm_exp` = 0.4, `neg_sim_exp` = 0.6; alpha = 1 is the released
-code, the strength knob scales it. One difference: the released code recomputes d_h at every
-decoding step from prefixed runs that follow the generated tokens (two extra forwards per step);
-here d_h is taken once per prompt (two extra forwards per prompt), as `baselines.md` describes,
-so generation keeps the model's own decoding loop.
+code, the strength knob scales it. As in the released code, d_h is recomputed at every decoding
+step: the two prefixed sequences are decoded beside the plain one, each with its own KV cache, and
+follow its generated tokens (`Reversal`, a decoding processor: two extra one-token forwards per
+step, run unsteered). The prefixed prompt is the prefix followed by the plain row's text (its
+tokens decoded), tokenised together as the released code does.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
 
 from ..activations import hook_name
 from ..errors import DesteinError
-from ..forms import Form, HookFn, Hooks, register, selected_positions
+from ..forms import selected_positions
+from ..registry import Form, HookFn, Steering, paused, register
 
 NORM_EXP = 0.4
 NEG_SIM_EXP = 0.6
@@ -39,15 +42,29 @@ _EPS = 1e-12
 
 
 @torch.no_grad()
-def last_head_outputs(model: TransformerBridge, texts: Sequence[str]) -> torch.Tensor:
-    """hook_z at each text's last token, every layer: [n_texts, n_layers, n_heads, d_head]."""
+def last_head_outputs(
+    model: TransformerBridge, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache | None = None
+) -> torch.Tensor:
+    """hook_z at the last position of a left-padded batch, every layer: [batch, L, n_heads, d_head].
+
+    With `cache`, `ids` continue what the cache holds (`mask` covers both) and the cache grows.
+    Runs unsteered (`registry.paused`), whatever steering is in force."""
     names = [hook_name("heads", layer) for layer in range(model.cfg.n_layers)]
-    enc = model.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
-    device = model.cfg.device
-    _, cache = model.run_with_cache(
-        enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), names_filter=names
-    )
-    return torch.stack([cache[name][:, -1] for name in names], dim=1)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> HookFn:
+        def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            last[name] = z[:, -1]
+            return z
+
+        return hook
+
+    with paused(), model.hooks(fwd_hooks=[(name, keep(name)) for name in names]):
+        if cache is None:
+            model(ids, attention_mask=mask, return_type=None)
+        else:
+            model(ids, attention_mask=mask, past_key_values=cache, return_type="logits", logits_to_keep=1)
+    return torch.stack([last[name] for name in names], dim=1)
 
 
 def reverse(
@@ -66,34 +83,71 @@ def reverse(
     return moved * old / new
 
 
+class Reversal:
+    """The decoding processor: every row's negative- and positive-prefixed sequences, decoded beside
+    it, and their last-position head-output difference `delta` [batch, L, H, d] for the step in
+    flight, which the hooks read."""
+
+    def __init__(self, model: TransformerBridge, prefixes: tuple[str, str]) -> None:
+        self.model = model
+        self.prefixes = prefixes
+        self.delta: torch.Tensor | None = None
+        self._sides: list[tuple[DynamicCache, torch.Tensor]] = []
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        tokenizer, device = self.model.tokenizer, self.model.cfg.device
+        texts = [
+            tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+            for row, m in zip(input_ids, attention_mask)
+        ]
+        outputs, self._sides = [], []
+        for prefix in self.prefixes:
+            enc = tokenizer(
+                [prefix + t for t in texts], return_tensors="pt", padding=True, padding_side="left"
+            )
+            ids, mask, cache = enc.input_ids.to(device), enc.attention_mask.to(device), DynamicCache()
+            outputs.append(last_head_outputs(self.model, ids, mask, cache))
+            self._sides.append((cache, mask))
+        self.delta = outputs[0] - outputs[1]
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        outputs, sides = [], []
+        for cache, mask in self._sides:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            outputs.append(last_head_outputs(self.model, tokens, mask, cache))
+            sides.append((cache, mask))
+        self._sides = sides
+        self.delta = outputs[0] - outputs[1]
+
+
 def _build(
     model: TransformerBridge, vectors, config, mask: torch.Tensor, prompts: Sequence[str] | None
-) -> Hooks:
-    if prompts is None:
-        raise DesteinError("self-detoxify needs the batch's prompts: steer(..., prompts=texts)")
+) -> Steering:
     negative, positive = vectors.prefixes
-    unique = list(dict.fromkeys(prompts))
-    outputs = last_head_outputs(model, [negative + p for p in unique] + [positive + p for p in unique])
-    deltas = outputs[: len(unique)] - outputs[len(unique) :]  # [n_unique, L, H, d]
-    rows = torch.tensor([unique.index(p) for p in prompts])
-    per_row = deltas[rows].to(model.cfg.dtype)  # [batch, L, H, d]
-    neg_end = last_head_outputs(model, [negative.rstrip()])[0].to(model.cfg.dtype)
-    return [
-        (
-            hook_name("heads", layer),
-            _hook(per_row[:, layer], neg_end[layer], mask[layer].to(per_row.device), config),
-        )
+    reversal = Reversal(model, (negative, positive))
+    enc = model.tokenizer([negative.rstrip()], return_tensors="pt")
+    device = model.cfg.device
+    neg_end = last_head_outputs(model, enc.input_ids.to(device), enc.attention_mask.to(device))[0]
+    hooks = [
+        (hook_name("heads", layer), _hook(reversal, layer, neg_end[layer], mask[layer].to(device), config))
         for layer in range(model.cfg.n_layers)
         if mask[layer].any()
     ]
+    return Steering(hooks, [reversal])
 
 
-def _hook(delta: torch.Tensor, neg_end: torch.Tensor, heads: torch.Tensor, config) -> HookFn:
+def _hook(reversal: Reversal, layer: int, neg_end: torch.Tensor, heads: torch.Tensor, config) -> HookFn:
     def hook(z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if reversal.delta is None:
+            raise DesteinError("self-detoxify steers decoding: call generate() inside steer(...)")
         if not selected_positions(z.shape[1], config.positions, z.device)[-1]:
             return z
         z = z.clone()
-        z[:, -1] = reverse(z[:, -1], delta, neg_end, heads, config.alpha)
+        delta = reversal.delta[:, layer].to(z.dtype)
+        z[:, -1] = reverse(z[:, -1], delta, neg_end.to(z.dtype), heads, config.alpha)
         return z
 
     return hook
@@ -102,8 +156,8 @@ def _hook(delta: torch.Tensor, neg_end: torch.Tensor, heads: torch.Tensor, confi
 register(
     Form(
         "self-detoxify",
-        "Toxification Reversal: each head's last-position output moved against its per-prompt "
-        "toxic-minus-polite prefix shift, adaptively scaled, norm kept",
+        "Toxification Reversal: each head's last-position output moved against the toxic-minus-polite "
+        "prefix shift, recomputed at every decoding step, adaptively scaled, norm kept",
         _build,
         default_strength=0.1,
         max_strength=5.0,
