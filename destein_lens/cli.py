@@ -15,51 +15,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import DesteinError
 
-Command = Callable[[argparse.Namespace], None]
 DEFAULT_SAMPLES = 10
 DATA_PARALLEL = ("run", "evaluate", "compare", "attribute")
 
 
-def _load(args: argparse.Namespace, dtype=None):  # -> TransformerBridge (imported lazily: a slow import)
-    from .models import load_model
+def _model(args: argparse.Namespace):  # -> lifecycle.ModelSpec, checked (imports lazily: slow)
+    from .lifecycle import ModelSpec
 
-    return load_model(args.model, device=args.device, dtype=dtype or args.torch_dtype)
-
-
-def _last_checks(args: argparse.Namespace) -> None:
-    """--model, --device and --dtype, without loading anything (each rank of a launch on its own
-    GPU); then join the launch. Every check before this point needs no model and is the same on
-    every rank, so a refusal there is reported by rank 0 alone (`main`)."""
-    from . import distributed
-    from .models import check_device, check_model_name, resolve_dtype
-
-    args.device = check_device(distributed.rank_device(args.device))
-    args.torch_dtype = resolve_dtype(args.dtype, args.device, generates=args.generates)
-    check_model_name(args.model)
-    distributed.setup()
+    spec = ModelSpec(args.model, args.device, args.dtype, generates=args.generates)
+    spec.check()
+    return spec
 
 
-def _check_heads_early(args: argparse.Namespace, heads) -> None:
-    """Head ranges against the model's shape where it can be read without loading the model."""
-    from .models import model_shape
-    from .steering import check_heads
-
-    shape = model_shape(args.model)
-    if shape is not None:
-        check_heads(heads, *shape)
-
-
-def _max_prompts(value: int | None, flag: str) -> int | None:
+def _count(value: int | None, flag: str) -> int | None:
     from .readers import check_count
 
     if value is not None:
         check_count(value, flag)
     return value
+
+
+def _prompts(source: str | None, limit: int | None, flag: str):
+    from .prompts import load_prompts
+
+    return load_prompts(source, max_prompts=_count(limit, flag))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -73,60 +57,45 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     check_prompt_texts(args.prompts)
-    _last_checks(args)
-    model = _load(args)
+    model = _model(args).load()
     check_prompt_lengths(model, args.prompts, config.max_new_tokens)
     for prompt, continuations in zip(args.prompts, generate(model, args.prompts, config)):
         print(json.dumps({"prompt": prompt, "continuations": continuations}, ensure_ascii=False))
 
 
-def _vector_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """Pairs and vector settings, checked; `build_vectors` keywords plus the pairs."""
+def _vector_spec(args: argparse.Namespace):  # -> lifecycle.VectorSpec, checked
+    from .lifecycle import VectorSpec
     from .pairs import load_pairs
-    from .readers import check_count
 
-    check_count(args.k, "--k")
-    return {"pairs": load_pairs(args.pairs), "site": args.site, "k": args.k, "probe_texts": args.probe_texts}
+    _count(args.k, "--k")
+    return VectorSpec(load_pairs(args.pairs), args.site, args.k, args.probe_texts)
 
 
 def _cmd_vectors(args: argparse.Namespace) -> None:
     from .files import check_out_file
     from .vectors import build_vectors
 
-    inputs = _vector_inputs(args)
+    spec = _vector_spec(args)
     check_out_file(args.out)
-    _last_checks(args)
-    vectors = build_vectors(_load(args), **inputs)
+    model = _model(args).load()
+    vectors = build_vectors(model, spec.pairs, site=spec.site, k=spec.k, probe_texts=spec.probe_texts)
     path = vectors.save(args.out)
     top = ", ".join(f"L{layer}H{head}" for layer, head in vectors.ranking()[:5])
     print(f"wrote {path} and {path.with_suffix('.json')}; top heads by probe accuracy: {top}")
-
-
-def _vector_settings(args: argparse.Namespace, pairs) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's pair provenance, and the vector settings a folder's own vectors must match."""
-    provenance = {"pairs": pairs.source, "pairs_sha256": pairs.sha256()}
-    settings = {
-        "site": args.site,
-        "k": args.k,
-        "pairs_sha256": pairs.sha256(),
-        "probe_texts": args.probe_texts,
-    }
-    return provenance, settings
 
 
 def _cmd_induce(args: argparse.Namespace) -> None:
     from .files import check_out_file
     from .induction import induce_pairs
     from .pairs import load_pairs
-    from .readers import check_count
     from .scoring import get_scorer
 
-    check_count(args.n, "--n")
+    _count(args.n, "--n")
     seeds = load_pairs(args.seeds)
     scorer = get_scorer(args.scorer)
     check_out_file(args.out)
-    _last_checks(args)
-    result = induce_pairs(_load(args), seeds, n_pairs=args.n, scorer=scorer, seed=args.seed)
+    model = _model(args).load()
+    result = induce_pairs(model, seeds, n_pairs=args.n, scorer=scorer, seed=args.seed)
     result.pairs.to_jsonl(args.out)
     print(f"wrote {len(result.pairs)} pairs to {args.out} ({result.tried} candidates tried)")
 
@@ -135,7 +104,7 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Everything about the evaluation that can be wrong, checked before any model work starts."""
     from .evaluation import BASELINE, MethodSpec, eval_config
     from .files import check_out_dir
-    from .prompts import load_prompts
+    from .lifecycle import check_heads_early
     from .registry import get_form
     from .scoring import get_scorer
     from .steering import SteeringConfig, parse_heads
@@ -145,44 +114,15 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     steering = SteeringConfig(
         alpha=alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
     )
-    _check_heads_early(args, steering.heads)
+    check_heads_early(args.model, steering.heads)
     check_out_dir(args.out)
     # The steered method is named by its form ("destein" for the default, as run folders always had).
     return {
-        "prompts": load_prompts(args.prompts, max_prompts=_max_prompts(args.max_prompts, "--max-prompts")),
+        "prompts": _prompts(args.prompts, args.max_prompts, "--max-prompts"),
         "methods": [BASELINE, MethodSpec(args.form, steering)],
         "config": config,
         "scorer": get_scorer(args.scorer),
     }
-
-
-def _known_so_far(args: argparse.Namespace, inputs: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """The run config's fields known before the model is loaded (a folder of another run is refused)."""
-    from .evaluation import prompts_sha
-    from .models import DEFAULT_MODEL
-
-    prompts = inputs["prompts"]
-    return {
-        "eval": inputs["config"].to_dict(),
-        "methods": [m.to_dict() for m in inputs["methods"]],
-        "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
-        "model": {"name": args.model or DEFAULT_MODEL, "dtype": _dtype_name(args)},
-        **fields,
-    }
-
-
-def _dtype_name(args: argparse.Namespace) -> str:
-    return str(args.torch_dtype).removeprefix("torch.")
-
-
-def _prepare(model, inputs: dict[str, Any]) -> None:
-    """Checks that need the model but no generation: head ranges and prompt lengths."""
-    from .evaluation import check_prompts
-    from .steering import check_heads
-
-    for method in inputs["methods"]:
-        check_heads(method.steering.heads, model.cfg.n_layers, model.cfg.n_heads)
-    check_prompts(model, inputs["prompts"], inputs["config"])
 
 
 def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance: dict) -> None:
@@ -199,89 +139,34 @@ def _evaluate(args: argparse.Namespace, model, vectors, inputs: dict, provenance
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-
-    from . import runfolder
+    from . import lifecycle, runfolder
 
     inputs = _eval_inputs(args)
-    vector_inputs = _vector_inputs(args)
-    provenance, settings = _vector_settings(args, vector_inputs["pairs"])
-    _last_checks(args)
+    vectors = _vector_spec(args)
+    spec = _model(args)
     with runfolder.hold(args.out) as out:
-        runfolder.check_same_run(
-            out, _known_so_far(args, inputs, vectors=settings, **provenance), partial=True
+        known = lifecycle.known_identity(
+            inputs["config"],
+            inputs["prompts"],
+            spec,
+            inputs["methods"],
+            vectors=vectors.settings(),
+            **vectors.provenance(),
         )
-        _check_vector_file(out)
-        model, vectors = _model_and_vectors(
-            args, out, vector_inputs, settings, _fits_for(args.form), lambda m: _prepare(m, inputs)
+        runfolder.check_same_run(out, known, partial=True)
+        lifecycle.check_vector_file(out)
+        model, built = lifecycle.model_and_vectors(
+            spec,
+            out,
+            vectors,
+            lifecycle.fits_for([args.form]),
+            lambda m: lifecycle.prepare(m, inputs["methods"], inputs["prompts"], inputs["config"]),
         )
-        _evaluate(args, model, vectors, inputs, provenance)
-
-
-def _fits_for(form: str) -> list[str]:
-    """The statistics a form needs fitted from the pairs besides DeStein's ([] for DeStein's own)."""
-    from .registry import get_form
-
-    return [form] if get_form(form).fit is not None else []
-
-
-def _check_vector_file(out) -> None:
-    """A folder's own vector file, if it has one, is read and checked before the model loads."""
-    from pathlib import Path
-
-    from .vectors import DetoxVectors
-
-    if (Path(out) / "vectors.safetensors").exists():
-        DetoxVectors.load(Path(out) / "vectors.safetensors")
-
-
-def _model_and_vectors(
-    args: argparse.Namespace,
-    out,
-    vector_inputs: dict[str, Any],
-    settings: dict[str, Any],
-    fit_forms=(),
-    prepare: Callable[[Any], None] = lambda model: None,
-):
-    """The model in --dtype and the folder's own vectors: built once (rank 0 of a launch) from a
-    float32 forward whatever the generation dtype, saved, and checked against the model on a resume.
-
-    `prepare(model)` runs the checks that need the model before the vectors are built.
-    """
-    from pathlib import Path
-
-    import torch
-
-    from .distributed import barrier, is_main
-    from .evaluation import vectors_id
-    from .vectors import DetoxVectors, build_vectors
-
-    vectors_path = Path(out) / "vectors.safetensors"
-    build = is_main() and not vectors_path.exists()
-    model = _load(args, torch.float32 if build else None)
-    prepare(model)
-    vectors = None
-    if build:
-        vectors = build_vectors(model, **vector_inputs, fit_forms=fit_forms)
-        vectors.save(vectors_path)
-        if args.torch_dtype != torch.float32:
-            del model
-            model = _load(args)
-    barrier()  # the other ranks load what rank 0 built
-    if vectors is not None:
-        return model, vectors
-    vectors = DetoxVectors.load(vectors_path, model=model)
-    found = {key: vectors_id(vectors)[key] for key in settings}
-    if found != settings:
-        raise DesteinError(
-            f"{vectors_path} was built with other settings ({found}); use another --out folder"
-        )
-    for form in fit_forms:
-        vectors.fit(form)
-    return model, vectors
+        _evaluate(args, model, built, inputs, vectors.provenance())
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from . import runfolder
+    from . import lifecycle, runfolder
     from .compare import (
         CALIBRATION_DIR,
         check_calibration,
@@ -291,58 +176,42 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         parse_strengths,
     )
     from .distributed import is_main
-    from .evaluation import BASELINE, eval_config, prompts_sha
+    from .evaluation import BASELINE, eval_config
     from .figures import compare_figures
     from .files import check_out_dir
-    from .models import DEFAULT_MODEL
-    from .prompts import load_prompts
-    from .registry import get_form
     from .report import text_table, write_report
     from .scoring import get_scorer
 
     methods = parse_methods(args.methods)
     strengths = parse_strengths(args.strengths, methods)
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
-    prompts = load_prompts(args.prompts, max_prompts=_max_prompts(args.max_prompts, "--max-prompts"))
-    max_calibration = _max_prompts(args.max_calibration_prompts, "--max-calibration-prompts")
-    calibration = (
-        None
-        if args.calibration_prompts is None
-        else load_prompts(args.calibration_prompts, max_prompts=max_calibration)
-    )
+    prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")
+    limit = _count(args.max_calibration_prompts, "--max-calibration-prompts")
+    calibration = None if args.calibration_prompts is None else _prompts(args.calibration_prompts, limit, "")
     check_calibration(prompts, calibration, args.ppl_budget)
     scorer = get_scorer(args.scorer)
-    vector_inputs = _vector_inputs(args)
-    provenance, settings = _vector_settings(args, vector_inputs["pairs"])
-    fit_forms = [m for m in methods if m != "baseline" and get_form(m).fit is not None]
+    vectors = _vector_spec(args)
     check_out_dir(args.out)
-    _last_checks(args)
+    spec = _model(args)
     with runfolder.hold(args.out) as out:
-        known = {
-            "eval": config.to_dict(),
-            "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
-            "model": {"name": args.model or DEFAULT_MODEL, "dtype": _dtype_name(args)},
-            **provenance,
-        }
-        runfolder.check_same_run(out, known, partial=True)
+        runfolder.check_same_run(
+            out, lifecycle.known_identity(config, prompts, spec, **vectors.provenance()), partial=True
+        )
         check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None)
         if calibration is not None:
-            calibration_known = {
-                **known,
-                "prompts": {"n": len(calibration), "sha256": prompts_sha(calibration)},
-            }
-            runfolder.check_same_run(out / CALIBRATION_DIR, calibration_known, partial=True)
-        _check_vector_file(out)
+            tuned = lifecycle.known_identity(config, calibration, spec, **vectors.provenance())
+            runfolder.check_same_run(out / CALIBRATION_DIR, tuned, partial=True)
+        lifecycle.check_vector_file(out)
 
-        def prepare(model) -> None:
+        def checks(model) -> None:
             for checked in (prompts, calibration):
                 if checked is not None:
-                    _prepare(model, {"methods": [BASELINE], "prompts": checked, "config": config})
+                    lifecycle.prepare(model, [BASELINE], checked, config)
 
-        model, vectors = _model_and_vectors(args, out, vector_inputs, settings, fit_forms, prepare)
+        model, built = lifecycle.model_and_vectors(spec, out, vectors, lifecycle.fits_for(methods), checks)
         metrics = compare(
             model,
-            vectors,
+            built,
             prompts,
             methods,
             out,
@@ -351,7 +220,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             ppl_budget=args.ppl_budget,
             calibration=calibration,
             scorer=scorer,
-            provenance=provenance,
+            provenance=vectors.provenance(),
         )
         if not is_main():
             return
@@ -365,34 +234,47 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from . import runfolder
+    from . import lifecycle, runfolder
     from .evaluation import vectors_id
     from .vectors import DetoxVectors
 
     inputs = _eval_inputs(args)
     vectors = DetoxVectors.load(args.vectors)  # the file itself, before any model work
-    for form in _fits_for(args.form):
+    for form in lifecycle.fits_for([args.form]):
         vectors.fit(form)
     provenance = {"vectors_file": str(args.vectors)}
-    _last_checks(args)
+    spec = _model(args)
     with runfolder.hold(args.out) as out:
-        runfolder.check_same_run(
-            out, _known_so_far(args, inputs, vectors=vectors_id(vectors), **provenance), partial=True
+        known = lifecycle.known_identity(
+            inputs["config"],
+            inputs["prompts"],
+            spec,
+            inputs["methods"],
+            vectors=vectors_id(vectors),
+            **provenance,
         )
-        model = _load(args)
+        runfolder.check_same_run(out, known, partial=True)
+        model = spec.load()
         vectors.check_compatible(model)
-        _prepare(model, inputs)
+        lifecycle.prepare(model, inputs["methods"], inputs["prompts"], inputs["config"])
         _evaluate(args, model, vectors, inputs, provenance)
 
 
 def _cmd_figures(args: argparse.Namespace) -> None:
-    from .figures import check_figures_inputs, compare_figures, make_figures
+    from .figures import attribution_figures, check_figures_inputs, compare_figures, make_figures
+    from .files import check_out_dir
+    from .registry import DEFAULT_STRENGTH
     from .steering import SteeringConfig
 
+    if args.attribution or args.compare is not None:
+        given = [flag for flag, on in (("--sweep", args.sweep), ("--quick", args.quick)) if on]
+        given += ["--alpha"] if args.alpha != DEFAULT_STRENGTH else []
+        if given:
+            source = "--attribution" if args.attribution else "--compare"
+            raise DesteinError(
+                f"{', '.join(given)} do not apply to {source} (it draws saved results, no model)"
+            )
     if args.attribution:
-        from .figures import attribution_figures
-        from .files import check_out_dir
-
         if args.out is not None:
             check_out_dir(args.out)
         paths = attribution_figures(args.attribution, args.out)
@@ -400,19 +282,16 @@ def _cmd_figures(args: argparse.Namespace) -> None:
         return
     args.out = args.out or "figures"
     if args.compare is not None:
-        from .files import check_out_dir
-
         check_out_dir(args.out)
         paths = compare_figures(args.compare, args.out)
         print(f"wrote {len(paths)} files to {args.out} (the Pareto figure of {args.compare})")
         return
-
     SteeringConfig(alpha=args.alpha)
     sweep_rows = check_figures_inputs(args.out, args.sweep)
-    _last_checks(args)
+    model = _model(args).load()
     paths = make_figures(
         args.out,
-        model=_load(args),
+        model=model,
         quick=args.quick,
         sweep_json=args.sweep,
         sweep_rows=sweep_rows,
@@ -422,30 +301,26 @@ def _cmd_figures(args: argparse.Namespace) -> None:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> None:
+    from . import lifecycle
     from .attribution import StudySettings, parse_studies, run_study
     from .attribution.study import check_held_out, held_out_pairs
     from .distributed import is_main
     from .figures import attribution_figures
     from .files import check_out_dir
-    from .prompts import load_prompts
-    from .readers import check_count
     from .steering import SteeringConfig
 
     studies = parse_studies(args.study)
-    check_count(args.n_held_out, "--n-held-out")
-    check_count(args.batch_size, "--batch-size")
-    check_count(args.max_prompts, "--max-prompts")
+    for value, flag in ((args.n_held_out, "--n-held-out"), (args.batch_size, "--batch-size")):
+        _count(value, flag)
     SteeringConfig(alpha=args.alpha)
     settings = StudySettings(alpha=args.alpha, batch_size=args.batch_size, eval_samples=args.samples)
-    vector_inputs = _vector_inputs(args)
-    held = held_out_pairs(args.held_out, args.n_held_out, vector_inputs["pairs"])
-    check_held_out(studies, held, vector_inputs["pairs"].sha256())
-    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)  # part of the folder's identity
+    vectors = _vector_spec(args)
+    held = held_out_pairs(args.held_out, args.n_held_out, vectors.pairs)
+    check_held_out(studies, held, vectors.pairs.sha256())
+    prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")  # part of the folder's identity
     check_out_dir(args.out)
-    _last_checks(args)
-    _, vector_settings = _vector_settings(args, vector_inputs["pairs"])
-    model, vectors = _model_and_vectors(args, args.out, vector_inputs, vector_settings)
-    run_study(model, vectors, held, args.out, studies=studies, settings=settings, prompts=prompts)
+    model, built = lifecycle.model_and_vectors(_model(args), args.out, vectors)
+    run_study(model, built, held, args.out, studies=studies, settings=settings, prompts=prompts)
     if not is_main():
         return
     paths = attribution_figures(args.out)
@@ -496,15 +371,24 @@ def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> 
     )
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    from .registry import FORMS
-    from .steering import POSITIONS
-
+def _add_sampling_options(p: argparse.ArgumentParser, out: str, what: str) -> None:
+    """The prompts, the scorer, the draws and the folder: `run`, `evaluate` and `compare` alike."""
     p.add_argument(
         "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
     )
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--scorer", default="profanity-check")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help=f"{what} (resumable)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .registry import FORMS
+    from .steering import POSITIONS
+
+    _add_sampling_options(p, "runs/latest", "run folder")
     _add_strength_option(p, per_form=True)
     p.add_argument("--heads", default="all", help="all, top-k as a number, or L.H,L.H,...")
     p.add_argument("--positions", default=POSITIONS[0], choices=POSITIONS)
@@ -514,10 +398,6 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
         choices=list(FORMS),
         help="; ".join(f"{f.name}: {f.summary}" for f in FORMS.values()),
     )
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/latest", help="run folder (resumable)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -574,10 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vector_options(p)
     from .registry import FORMS, compared_by_default
 
-    p.add_argument(
-        "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
-    )
-    p.add_argument("--max-prompts", type=int, default=None)
+    _add_sampling_options(p, "runs/compare", "compare folder")
     p.add_argument(
         "--methods",
         default=",".join(compared_by_default()),
@@ -593,11 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-budget", type=float, default=None, help="calibrate: the perplexity ratio allowed")
     p.add_argument("--calibration-prompts", default=None, help="prompts to calibrate on (never --prompts)")
     p.add_argument("--max-calibration-prompts", type=int, default=None)
-    p.add_argument("--scorer", default="profanity-check")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/compare", help="compare folder (resumable)")
     p.set_defaults(func=_cmd_compare, generates=True)
 
     p = sub.add_parser(
@@ -667,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"`{args.command}` does not run data-parallel; start it without torchrun/accelerate "
                 f"(data-parallel commands: {', '.join(DATA_PARALLEL)})"
             )
-        args.func(args)  # joins a launch once its model-free checks pass (`_last_checks`)
+        args.func(args)  # joins a launch once its model-free checks pass (`lifecycle.ModelSpec.check`)
         distributed.teardown()
     except DesteinError as e:
         if distributed.is_main():

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from destein_lens import cli
-from destein_lens.registry import FORMS
 from destein_lens.pairs import builtin_seed_pairs
+from destein_lens.registry import FORMS
 from destein_lens.runfolder import CONFIG_FILE, gens_path
 from destein_lens.store import load_result, save_result
 from destein_lens.vectors import KIND, build_vectors

@@ -20,9 +20,9 @@ from destein_lens.compare import (
 from destein_lens.errors import DesteinError
 from destein_lens.evaluation import MethodSpec, eval_config
 from destein_lens.figures import compare_figures
-from destein_lens.registry import FORMS
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.prompts import Prompt, builtin_demo_prompts
+from destein_lens.registry import FORMS
 from destein_lens.runfolder import gens_path
 from destein_lens.steering import SteeringConfig
 from destein_lens.vectors import build_vectors

@@ -1,0 +1,172 @@
+"""The run lifecycle: what a run is, and setting it up, for `run`, `evaluate`, `compare` and `attribute`.
+
+A run is checked in two stages. Without the model (`ModelSpec.check`, `known_identity`,
+`check_heads_early`, `check_vector_file`): arguments, the model's name, device and dtype, head
+ranges where the model's shape can be read from its files, the folder's identity and its own
+vector file; then the ranks of a launch join. With the model (`model_and_vectors`): the model in
+the run's dtype and the folder's own vectors, built once (rank 0) from a float32 forward whatever
+the generation dtype, and checked against the settings on a resume. The command line is a thin
+layer over these; a notebook can call them the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from . import distributed, models
+from .errors import DesteinError
+from .evaluation import EvalConfig, MethodSpec, check_prompts, prompts_sha, vectors_id
+from .models import DEFAULT_MODEL, check_device, check_model_name, model_shape, resolve_dtype
+from .pairs import SteeringPairs
+from .prompts import Prompt
+from .registry import get_form
+from .steering import Heads, check_heads
+from .vectors import DetoxVectors, build_vectors
+
+VECTORS_FILE = "vectors.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """Which model, where, in which dtype; `check` resolves the device and dtype without loading."""
+
+    name: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    generates: bool = True
+    torch_dtype: torch.dtype | None = None
+
+    def check(self) -> None:
+        """The model's name, device and dtype, checked without loading; then join a launch (every
+        check before this point needs no model and is the same on every rank)."""
+        self.device = check_device(distributed.rank_device(self.device))
+        self.torch_dtype = resolve_dtype(self.dtype, self.device, generates=self.generates)
+        check_model_name(self.name)
+        distributed.setup()
+
+    def load(self, dtype: torch.dtype | None = None) -> TransformerBridge:
+        # through the module: what a test (or a user) puts in `models.load_model` is what loads
+        return models.load_model(self.name, device=self.device, dtype=dtype or self.torch_dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """The pairs and settings a folder's own vectors are built from."""
+
+    pairs: SteeringPairs
+    site: str = "heads"
+    k: int = 8
+    probe_texts: str = "bare"
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the pairs came from: part of a run's identity."""
+        return {"pairs": self.pairs.source, "pairs_sha256": self.pairs.sha256()}
+
+    def settings(self) -> dict[str, Any]:
+        """What the folder's vectors must have been built with (`vectors_id`'s fields)."""
+        return {
+            "site": self.site,
+            "k": self.k,
+            "pairs_sha256": self.pairs.sha256(),
+            "probe_texts": self.probe_texts,
+        }
+
+
+def check_heads_early(model: str | None, heads: Heads) -> None:
+    """Head ranges against the model's shape where its files give it (a hub id's needs the load)."""
+    shape = model_shape(model)
+    if shape is not None:
+        check_heads(heads, *shape)
+
+
+def known_identity(
+    config: EvalConfig,
+    prompts: Sequence[Prompt],
+    model: ModelSpec,
+    methods: Sequence[MethodSpec] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The run config's fields known before the model loads (`runfolder.check_same_run(partial=True)`)."""
+    known = {
+        "eval": config.to_dict(),
+        "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
+        "model": {"name": model.name or DEFAULT_MODEL, "dtype": model.dtype_name},
+        **fields,
+    }
+    if methods is not None:
+        known["methods"] = [m.to_dict() for m in methods]
+    return known
+
+
+def check_vector_file(out: str | Path) -> None:
+    """A folder's own vector file, if it has one, is read and checked before the model loads."""
+    path = Path(out) / VECTORS_FILE
+    if path.exists():
+        DetoxVectors.load(path)
+
+
+def fits_for(methods: Sequence[str]) -> list[str]:
+    """The methods among `methods` that fit statistics from the pairs."""
+    return [m for m in methods if m != "baseline" and get_form(m).fit is not None]
+
+
+def prepare(
+    model: TransformerBridge, methods: Sequence[MethodSpec], prompts: Sequence[Prompt], config: EvalConfig
+):
+    """The checks that need the model but no generation: head ranges and prompt lengths."""
+    for method in methods:
+        check_heads(method.steering.heads, model.cfg.n_layers, model.cfg.n_heads)
+    check_prompts(model, prompts, config)
+
+
+def model_and_vectors(
+    model: ModelSpec,
+    out: str | Path,
+    vectors: VectorSpec,
+    fit_forms: Sequence[str] = (),
+    checks: Callable[[TransformerBridge], None] = lambda model: None,
+) -> tuple[TransformerBridge, DetoxVectors]:
+    """The model in its dtype and the folder's own vectors: built once (rank 0 of a launch) from a
+    float32 forward, saved, and checked against the settings on a resume.
+
+    `checks(model)` runs the checks that need the model, before the vectors are built.
+    """
+    path = Path(out) / VECTORS_FILE
+    build = distributed.is_main() and not path.exists()
+    bridge = model.load(torch.float32 if build else None)
+    checks(bridge)
+    built = None
+    if build:
+        built = build_vectors(
+            bridge,
+            vectors.pairs,
+            site=vectors.site,
+            k=vectors.k,
+            probe_texts=vectors.probe_texts,
+            fit_forms=fit_forms,
+        )
+        built.save(path)
+        if model.torch_dtype != torch.float32:
+            del bridge
+            bridge = model.load()
+    distributed.barrier()  # the other ranks load what rank 0 built
+    if built is not None:
+        return bridge, built
+    loaded = DetoxVectors.load(path, model=bridge)
+    settings = vectors.settings()
+    found = {key: vectors_id(loaded)[key] for key in settings}
+    if found != settings:
+        raise DesteinError(f"{path} was built with other settings ({found}); use another --out folder")
+    for form in fit_forms:
+        loaded.fit(form)
+    return bridge, loaded
