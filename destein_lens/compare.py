@@ -33,7 +33,7 @@ from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from . import runfolder
+from . import distributed, runfolder
 from .errors import DesteinError
 from .evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
 from .files import write_atomic
@@ -230,7 +230,7 @@ def compare(
             "chosen": chosen,
             "calibration_prompts": len(calibration) if calibration is not None else None,
         }
-        write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1))
+        distributed.main_writes(lambda: write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1)))
     return metrics
 
 

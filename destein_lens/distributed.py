@@ -12,7 +12,7 @@ its output folder on a filesystem all nodes share.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -80,6 +80,13 @@ def barrier() -> None:
             dist.barrier(device_ids=[local_rank()])
         else:
             dist.barrier()
+
+
+def main_writes(write: Callable[[], object]) -> None:
+    """Rank 0 writes a file every rank shares; the others wait until it is there."""
+    if is_main():
+        write()
+    barrier()
 
 
 def share(units: Sequence[T]) -> list[T]:

@@ -207,10 +207,12 @@ def _matches(existing: Any, wanted: Any, partial: bool) -> bool:
 
 
 def claim(out_dir: Path, run_config: dict[str, Any]) -> None:
-    """Start a run folder, or resume it only if it holds this very run."""
+    """Start a run folder, or resume it only if it holds this very run (rank 0 writes its config)."""
     check_same_run(out_dir, run_config)
-    if read_config(out_dir) is None:
-        write_atomic(out_dir / CONFIG_FILE, json.dumps(run_config, indent=1))
+    fresh = read_config(out_dir) is None  # read by every rank before rank 0 writes (`main_writes` waits)
+    distributed.barrier()
+    if fresh:
+        distributed.main_writes(lambda: write_atomic(out_dir / CONFIG_FILE, json.dumps(run_config, indent=1)))
 
 
 def read_rows(path: Path, *, truncate: bool) -> list[dict[str, Any]]:

@@ -164,7 +164,8 @@ def test_a_refused_launch_prints_one_error_line(case, tiny_model_dir, tmp_path) 
     """Rank 0 alone prints the refusal and exits 2; torchrun exits 1, its own failure report
     (ChildFailedError, printed for any failure) naming rank 0's exit 2 as the root cause. Before the
     ranks join, the others exit 0 (or are listed as stopped by SIGTERM when torchrun ends them
-    first); after, every rank that refuses exits 2, silently but for rank 0."""
+    first); after, every rank that refuses exits 2, silently but for rank 0, and torchrun names
+    whichever rank ended first."""
     argv, phrase = LAUNCH_REFUSALS[case]
     long = tmp_path / "long.txt"
     long.write_text("word " * 400 + "\n")
@@ -179,9 +180,9 @@ def test_a_refused_launch_prints_one_error_line(case, tiny_model_dir, tmp_path) 
     assert done.returncode == 1, done.stderr[-2000:]
     assert len(errors) == 1 and phrase in errors[0], done.stderr[-2000:]
     root = done.stderr.split("Root Cause")[-1]
-    assert "rank      : 0" in root and "exitcode  : 2" in root
+    assert "exitcode  : 2" in root
     if "after the load" not in case:  # before joining, the other ranks leave quietly (status 0)
-        assert done.stderr.count("exitcode  : 2") == 1
+        assert "rank      : 0" in root and done.stderr.count("exitcode  : 2") == 1
 
 
 def test_compare_with_calibration_on_two_ranks(tiny_model_dir, tmp_path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .. import runfolder
+from .. import distributed, runfolder
 from ..errors import DesteinError
 from ..evaluation import EvalConfig
 from ..files import write_atomic
@@ -166,7 +166,7 @@ def run_study(
     }
     with runfolder.hold(out_dir) as out:
         runfolder.claim(out, config)
-        _save_vectors(vectors, out)
+        distributed.main_writes(lambda: _save_vectors(vectors, out))
         held = held_out(model, held_pairs, batch_size=settings.batch_size)
         partial = out / ".partial"
         partial.mkdir(exist_ok=True)
@@ -176,8 +176,8 @@ def run_study(
             if all((out / f"{r}.safetensors").exists() for r in RESULTS[name]):
                 return
             ckpt = Checkpoint(partial / f"{name}.safetensors")
-            for result in compute(ckpt).values():
-                result.save(out / result.study)
+            results = compute(ckpt).values()
+            distributed.main_writes(lambda: [result.save(out / result.study) for result in results])
             ckpt.clear()
 
         def steering(ckpt: Checkpoint) -> dict[str, HeadEffects]:
@@ -198,8 +198,11 @@ def run_study(
                     lambda c: patching_effects(model, held, k=vectors.k, checkpoint=c, progress=progress),
                 )
             elif name == "dla":
-                if not (out / "dla.safetensors").exists():
-                    direct_logit_attribution(model, vectors, held, k=vectors.k).save(out / "dla")
+                missing = not (out / "dla.safetensors").exists()
+                distributed.barrier()  # every rank has looked before rank 0 writes
+                if missing:
+                    dla = direct_logit_attribution(model, vectors, held, k=vectors.k)
+                    distributed.main_writes(lambda dla=dla: dla.save(out / "dla"))
             elif name == "steering":
                 run(name, steering)
             elif name == "selection":
@@ -207,9 +210,10 @@ def run_study(
         effects = load_study(out).effects
         ranked = {r: effects[r] for r in RANKED if r in effects}
         if ranked:  # redone every time: a resumed folder may have gained a study
-            agreement({"probe": probe_order_score(vectors), **ranked}, k=AGREEMENT_K).save(out / "agreement")
+            agreed = agreement({"probe": probe_order_score(vectors), **ranked}, k=AGREEMENT_K)
+            distributed.main_writes(lambda: agreed.save(out / "agreement"))
         results = load_study(out)
-        write_atomic(out / "report.md", study_report(results))
+        distributed.main_writes(lambda: write_atomic(out / "report.md", study_report(results)))
     return results
 
 
@@ -238,7 +242,7 @@ def _selection(
             checkpoint=ckpt,
             progress=progress,
         )
-        curves.save(out / "selection")
+        distributed.main_writes(lambda: curves.save(out / "selection"))
         ckpt.clear()
     if prompts and settings.eval_ks:
         config = EvalConfig(
