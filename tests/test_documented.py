@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from destein_lens import cli
+from destein_lens import cli, cli_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
@@ -131,7 +131,7 @@ def test_the_docs_document_every_command() -> None:
 
 def test_every_documented_option_exists() -> None:
     """Each option a documented line names is one its subcommand accepts."""
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     for line in documented_lines():
         program, _, rest = line.partition("destein_lens" if "-m destein_lens" in line else "destein-lens")
