@@ -266,7 +266,7 @@ def attribution_figures(
     """
     from .attribution import load_study
     from .attribution.effects import rank_heads
-    from .attribution.study import RANKED
+    from .attribution.studies import ranked_results
 
     folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
     if not folders:
@@ -290,7 +290,7 @@ def attribution_figures(
             shown[f"grid_{name}"] = (
                 f"`{name}`: {effects.meaning}; per head, interval in the hover, probe top-8 starred."
             )
-        ranked = {n: results.effects[n] for n in RANKED if n in results.effects}
+        ranked = {n: results.effects[n] for n in ranked_results() if n in results.effects}
         if ranked:
             save("top_heads", views.top_heads_figure(ranked))
         if results.dla is not None:
@@ -315,7 +315,7 @@ def attribution_figures(
         paths += save.paths
     if not single:
         save, shown = _Saver(out, formats), {}
-        for name in RANKED:
+        for name in ranked_results():
             if all(name in r.effects for r in studies):
                 effects = {m: r.effects[name] for m, r in zip(labels, studies)}
                 save(f"depth_{name}", views.depth_figure(effects))

@@ -16,7 +16,8 @@ from .heldout import HeldOut, Scores, held_out, score
 from .patching import patching_effects
 from .selection import SelectionCurves, rankings, selection_curves, selection_evaluation
 from .steered import leave_one_out, steering_effects
-from .study import STUDIES, StudyResults, StudySettings, held_out_pairs, load_study, parse_studies, run_study
+from .studies import STUDIES, Study, parse_studies, register_study
+from .study import StudyResults, StudySettings, held_out_pairs, load_study, run_study
 
 __all__ = [
     "STUDIES",
@@ -26,6 +27,7 @@ __all__ = [
     "HeldOut",
     "Scores",
     "SelectionCurves",
+    "Study",
     "StudyResults",
     "StudySettings",
     "agreement",
@@ -37,6 +39,7 @@ __all__ = [
     "parse_studies",
     "patching_effects",
     "rankings",
+    "register_study",
     "run_study",
     "score",
     "selection_curves",

@@ -133,6 +133,7 @@ def selection_curves(
     *,
     ks: Sequence[int] = KS,
     alpha: float = DEFAULT_STRENGTH,
+    form: str = "destein",
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
 ) -> SelectionCurves:
@@ -158,7 +159,7 @@ def selection_curves(
             key,
             lambda f=f, heads=heads: (
                 (
-                    steered_scores(model, vectors, folds[f], heads, alpha)
+                    steered_scores(model, vectors, folds[f], heads, alpha, form)
                     if heads
                     else score(model, folds[f])
                 ).gap
@@ -187,12 +188,13 @@ def selection_evaluation(
     config: EvalConfig,
     *,
     alpha: float = DEFAULT_STRENGTH,
+    form: str = "destein",
     progress: bool = True,
 ) -> dict[str, Any]:
     """EMT, TP and perplexity of steering each order's top k (`<ranker>-top<k>`), and the baseline,
     with the evaluation harness (a resumable run folder of its own); returns its metrics."""
     methods = [BASELINE] + [
-        MethodSpec(f"{name}-top{k}", SteeringConfig(alpha=alpha, heads=orders[name][:k]))
+        MethodSpec(f"{name}-top{k}", SteeringConfig(alpha=alpha, heads=orders[name][:k], form=form))
         for name in orders
         for k in ks
     ]

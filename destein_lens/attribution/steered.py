@@ -27,12 +27,17 @@ from .heldout import HeldOut, Scores, score
 
 
 def steered_scores(
-    model: TransformerBridge, vectors: DetoxVectors, held: HeldOut, heads: list[tuple[int, int]], alpha: float
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    held: HeldOut,
+    heads: list[tuple[int, int]],
+    alpha: float,
+    form: str = "destein",
 ) -> Scores:
-    """The held-out scores with `heads` steered (DeStein's form) at `alpha`; no heads: unsteered."""
+    """The held-out scores with `heads` steered by the head-wise `form` at `alpha`; no heads: unsteered."""
     if not heads:
         return score(model, held)
-    with steer(model, vectors, alpha=alpha, heads=heads):
+    with steer(model, vectors, alpha=alpha, heads=heads, form=form):
         return score(model, held)
 
 
@@ -42,6 +47,7 @@ def steering_effects(
     held: HeldOut,
     *,
     alpha: float = DEFAULT_STRENGTH,
+    form: str = "destein",
     baseline: Scores | None = None,
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
@@ -51,7 +57,7 @@ def steering_effects(
     ckpt = checkpoint or Checkpoint(None)
 
     def cell(layer: int, head: int) -> torch.Tensor:
-        s = steered_scores(model, vectors, held, [(layer, head)], alpha)
+        s = steered_scores(model, vectors, held, [(layer, head)], alpha, form)
         return torch.stack([base.gap - s.gap, (base.toxic_logmass - s.toxic_logmass).mean(0)])
 
     values = per_head(vectors.shape, cell, ckpt, "steering", progress)
@@ -74,6 +80,7 @@ def leave_one_out(
     held: HeldOut,
     *,
     alpha: float = DEFAULT_STRENGTH,
+    form: str = "destein",
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
 ) -> dict[str, HeadEffects]:
@@ -81,11 +88,11 @@ def leave_one_out(
     n_layers, n_heads = vectors.shape
     every = list(itertools.product(range(n_layers), range(n_heads)))
     ckpt = checkpoint or Checkpoint(None)
-    full = ckpt.get_or_compute("all", lambda: steered_scores(model, vectors, held, every, alpha).gap)
+    full = ckpt.get_or_compute("all", lambda: steered_scores(model, vectors, held, every, alpha, form).gap)
 
     def cell(layer: int, head: int) -> torch.Tensor:
         rest = [h for h in every if h != (layer, head)]
-        return (steered_scores(model, vectors, held, rest, alpha).gap - full)[None]
+        return (steered_scores(model, vectors, held, rest, alpha, form).gap - full)[None]
 
     values = per_head(vectors.shape, cell, ckpt, "leave-one-out", progress)
     meaning = f"gap(all heads but this one steered) - gap(all heads steered), alpha {alpha:g}"

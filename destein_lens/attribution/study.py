@@ -15,7 +15,7 @@ and skips those already saved.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,36 +31,23 @@ from ..generation import protocol_sampling
 from ..models import load_record
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
-from ..registry import DEFAULT_STRENGTH
+from ..registry import DEFAULT_STRENGTH, get_form
 from ..vectors import DetoxVectors
 from .agreement import Agreement, agreement
-from .dla import DirectLogits, direct_logit_attribution
-from .effects import Checkpoint, HeadEffects
+from .dla import DirectLogits
+from .effects import HeadEffects
 from .heldout import held_out
-from .patching import patching_effects
 from .report import study_report
 from .selection import (
     KS,
     N_FOLDS,
     RANDOM_SEEDS,
     SelectionCurves,
-    crossfit_orders,
-    fold_pairs,
     rankings,
-    selection_curves,
     selection_evaluation,
 )
-from .steered import leave_one_out, steering_effects
+from .studies import STUDIES, Study, StudyContext, parse_studies, ranked_results
 
-STUDIES = ("patching", "dla", "steering", "selection")
-# what each study saves, in report order
-RESULTS = {
-    "patching": ("patching", "patching_denoise_mass", "patching_noise_mass"),
-    "dla": ("dla",),
-    "steering": ("steering", "steering_mass", "leave_one_out"),
-}
-# the per-pair results that rank heads, beside probe accuracy
-RANKED = ("patching", "dla", "steering", "leave_one_out")
 AGREEMENT_K = 8
 VECTORS = "vectors"
 
@@ -70,6 +57,7 @@ class StudySettings:
     """The knobs of a study; all of them are part of what the folder holds."""
 
     alpha: float = DEFAULT_STRENGTH  # steering strength of the steering and selection studies
+    form: str = "destein"  # the head-wise method the steering and selection studies steer with
     batch_size: int = 16  # pairs per forward
     selection_ks: tuple[int, ...] = KS
     random_seeds: tuple[int, ...] = RANDOM_SEEDS
@@ -84,6 +72,10 @@ class StudySettings:
             raise DesteinError("batch size, samples and tokens must be at least 1")
         if any(k < 1 for k in self.selection_ks + self.eval_ks):
             raise DesteinError("every k must be at least 1")
+        if not get_form(self.form).head_wise:
+            raise DesteinError(
+                f"{self.form} does not act on heads: head attribution needs a head-wise method"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,18 +89,6 @@ class StudyResults:
     evaluation: dict[str, Any] | None
     agreement: Agreement | None
     probe_accuracy: torch.Tensor
-
-
-def parse_studies(text: str) -> tuple[str, ...]:
-    """ "all" or a comma list of STUDIES, in run order; selection brings steering with it."""
-    names = STUDIES if text == "all" else tuple(s.strip() for s in text.split(","))
-    unknown = [s for s in names if s not in STUDIES]
-    if unknown or not names:
-        raise DesteinError(
-            f"unknown study {', '.join(unknown) or text!r}; choose all or from {', '.join(STUDIES)}"
-        )
-    wanted = set(names) | ({"steering"} if "selection" in names else set())
-    return tuple(s for s in STUDIES if s in wanted)
 
 
 def held_out_pairs(spec: str | Path, n: int, vector_pairs: SteeringPairs) -> SteeringPairs:
@@ -142,7 +122,7 @@ def run_study(
     held_pairs: SteeringPairs,
     out_dir: str | Path,
     *,
-    studies: Sequence[str] = STUDIES,
+    studies: Sequence[str] = tuple(STUDIES),
     settings: StudySettings | None = None,
     prompts: Sequence[Prompt] = (),
     progress: bool = True,
@@ -168,47 +148,16 @@ def run_study(
         runfolder.claim(out, config)
         distributed.main_writes(lambda: _save_vectors(vectors, out))
         held = held_out(model, held_pairs, batch_size=settings.batch_size)
-        partial = out / ".partial"
-        partial.mkdir(exist_ok=True)
-
-        def run(name: str, compute: Callable[[Checkpoint], dict[str, HeadEffects]]) -> None:
-            """Compute and save a study's results, unless saved already; its heads checkpointed."""
-            if all((out / f"{r}.safetensors").exists() for r in RESULTS[name]):
-                return
-            ckpt = Checkpoint(partial / f"{name}.safetensors")
-            results = compute(ckpt).values()
-            distributed.main_writes(lambda: [result.save(out / result.study) for result in results])
-            ckpt.clear()
-
-        def steering(ckpt: Checkpoint) -> dict[str, HeadEffects]:
-            alone = steering_effects(
-                model, vectors, held, alpha=settings.alpha, checkpoint=ckpt, progress=progress
-            )
-            rest = Checkpoint(partial / "leave_one_out.safetensors")
-            loo = leave_one_out(
-                model, vectors, held, alpha=settings.alpha, checkpoint=rest, progress=progress
-            )
-            rest.clear()
-            return alone | loo
-
+        (out / ".partial").mkdir(exist_ok=True)
         for name in studies:
-            if name == "patching":
-                run(
-                    name,
-                    lambda c: patching_effects(model, held, k=vectors.k, checkpoint=c, progress=progress),
-                )
-            elif name == "dla":
-                missing = not (out / "dla.safetensors").exists()
-                distributed.barrier()  # every rank has looked before rank 0 writes
-                if missing:
-                    dla = direct_logit_attribution(model, vectors, held, k=vectors.k)
-                    distributed.main_writes(lambda dla=dla: dla.save(out / "dla"))
-            elif name == "steering":
-                run(name, steering)
-            elif name == "selection":
-                _selection(model, vectors, held_pairs, out, settings, prompts, progress)
+            _run_one(
+                STUDIES[name],
+                StudyContext(model, vectors, held, held_pairs, out, settings, prompts, progress),
+            )
+            if name == "selection":
+                _selection_evaluation(model, vectors, out, settings, prompts, progress)
         effects = load_study(out).effects
-        ranked = {r: effects[r] for r in RANKED if r in effects}
+        ranked = {r: effects[r] for r in ranked_results() if r in effects}
         if ranked:  # redone every time: a resumed folder may have gained a study
             agreed = agreement({"probe": probe_order_score(vectors), **ranked}, k=AGREEMENT_K)
             distributed.main_writes(lambda: agreed.save(out / "agreement"))
@@ -217,33 +166,29 @@ def run_study(
     return results
 
 
-def _selection(
+def _run_one(study: Study, ctx: StudyContext) -> None:
+    """A study through the one shared path: skipped when saved, else computed (its heads
+    checkpointed), saved by rank 0, and its checkpoints cleared."""
+    done = all((ctx.out / f"{r}.safetensors").exists() for r in study.results)
+    distributed.barrier()  # every rank has looked before rank 0 writes
+    if done:
+        return
+    results = study.compute(ctx)
+    distributed.main_writes(lambda: [result.save(ctx.out / name) for name, result in results.items()])
+    for ckpt in ctx.checkpoints:
+        ckpt.clear()
+
+
+def _selection_evaluation(
     model: TransformerBridge,
     vectors: DetoxVectors,
-    held_pairs: SteeringPairs,
     out: Path,
     settings: StudySettings,
     prompts: Sequence[Prompt],
     progress: bool,
 ) -> None:
-    """The cross-fitted curves (folds of the held-out pairs), then the few k's generation runs."""
+    """EMT / TP / perplexity of the selection's few k with the evaluation harness (resumable)."""
     steering = HeadEffects.load(out / "steering")
-    if not (out / "selection.safetensors").exists():
-        folds = fold_pairs(held_pairs)
-        orders = crossfit_orders(vectors, steering, [len(f) for f in folds], settings.random_seeds)
-        ckpt = Checkpoint(out / ".partial" / "selection.safetensors")
-        curves = selection_curves(
-            model,
-            vectors,
-            [held_out(model, f, batch_size=settings.batch_size) for f in folds],
-            orders,
-            ks=settings.selection_ks,
-            alpha=settings.alpha,
-            checkpoint=ckpt,
-            progress=progress,
-        )
-        distributed.main_writes(lambda: curves.save(out / "selection"))
-        ckpt.clear()
     if prompts and settings.eval_ks:
         config = EvalConfig(
             sampling=protocol_sampling(
@@ -263,6 +208,7 @@ def _selection(
             out / "selection_eval",
             config,
             alpha=settings.alpha,
+            form=settings.form,
             progress=progress,
         )
 
@@ -290,8 +236,8 @@ def load_study(folder: str | Path) -> StudyResults:
         raise DesteinError(f"{out} is not an attribution study folder (no study config.json)")
     effects = {
         name: HeadEffects.load(out / name)
-        for names in RESULTS.values()
-        for name in names
+        for study in STUDIES.values()
+        for name in study.effects
         if (out / f"{name}.safetensors").exists()
     }
     metrics = out / "selection_eval" / runfolder.METRICS_FILE
