@@ -54,14 +54,14 @@ class StudyContext:
 
 @dataclass(frozen=True)
 class Study:
-    """One study: the results it saves (`<out>/<name>.safetensors` + .json), which of them are
-    per-pair head effects and which of those rank heads, and how to compute them."""
+    """One study: the results it saves (`<out>/<name>.safetensors` + .json), whether they are
+    per-pair head effects (`HeadEffects`), which of them rank heads, and how to compute them."""
 
     name: str
     results: tuple[str, ...]
     compute: Callable[[StudyContext], dict[str, Savable]]
-    effects: tuple[str, ...] = ()
     ranked: tuple[str, ...] = ()
+    per_pair: bool = True
     needs: tuple[str, ...] = ()  # studies whose saved results this one reads
 
 
@@ -133,18 +133,16 @@ register_study(
         "patching",
         ("patching", "patching_denoise_mass", "patching_noise_mass"),
         _patching,
-        effects=("patching", "patching_denoise_mass", "patching_noise_mass"),
         ranked=("patching",),
     )
 )
-register_study(Study("dla", ("dla",), _dla, effects=("dla",), ranked=("dla",)))
+register_study(Study("dla", ("dla",), _dla, ranked=("dla",)))
 register_study(
     Study(
         "steering",
         ("steering", "steering_mass", "leave_one_out"),
         _steering,
-        effects=("steering", "steering_mass", "leave_one_out"),
         ranked=("steering", "leave_one_out"),
     )
 )
-register_study(Study("selection", ("selection",), _selection, needs=("steering",)))
+register_study(Study("selection", ("selection",), _selection, per_pair=False, needs=("steering",)))

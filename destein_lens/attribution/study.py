@@ -237,7 +237,8 @@ def load_study(folder: str | Path) -> StudyResults:
     effects = {
         name: HeadEffects.load(out / name)
         for study in STUDIES.values()
-        for name in study.effects
+        if study.per_pair
+        for name in study.results
         if (out / f"{name}.safetensors").exists()
     }
     metrics = out / "selection_eval" / runfolder.METRICS_FILE
