@@ -42,6 +42,7 @@ from .metrics import summarise
 from .models import load_record
 from .perplexity import conditional_perplexity, perplexity_from_steps
 from .prompts import Prompt, split_by_toxicity
+from .registry import get_form
 from .runfolder import METRICS_FILE, gens_path
 from .scoring import Scorer, get_scorer
 from .steering import NO_STEERING, SteeringConfig, head_mask, steer
@@ -205,8 +206,9 @@ def check_methods(
     if len({m.name for m in methods}) != len(methods):
         raise DesteinError("method names must be distinct")
     steered = [m for m in methods if m.steering.steered]
-    if steered and vectors is None:
-        raise DesteinError("a steered method needs detox vectors")
+    needing = [m.name for m in steered if get_form(m.steering.form).needs_vectors]
+    if needing and vectors is None:
+        raise DesteinError(f"{needing[0]} steers with detox vectors; none were given")
     if vectors is not None:
         if model is not None:
             vectors.check_compatible(model)
@@ -272,7 +274,7 @@ def _run_method(
             ]
             steering = (
                 steer(model, vectors, method.steering, prompts=texts)
-                if method.steering.steered and vectors is not None
+                if method.steering.steered
                 else contextlib.nullcontext()
             )
             with steering:
