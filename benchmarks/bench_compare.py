@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from destein_lens.registry import FORMS
 from destein_lens.generation import generate_ids, protocol_sampling
 from destein_lens.models import load_model
 from destein_lens.pairs import load_pairs
 from destein_lens.prompts import builtin_demo_prompts
+from destein_lens.registry import FORMS
 from destein_lens.steering import SteeringConfig, steer
 from destein_lens.vectors import build_vectors
 

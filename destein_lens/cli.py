@@ -72,16 +72,26 @@ def _vector_spec(args: argparse.Namespace):  # -> lifecycle.VectorSpec, checked
 
 
 def _cmd_vectors(args: argparse.Namespace) -> None:
+    from . import lifecycle
     from .files import check_out_file
-    from .vectors import build_vectors
 
     spec = _vector_spec(args)
+    causal = lifecycle.check_causal_forms([f.strip() for f in args.causal.split(",") if f.strip()])
     check_out_file(args.out)
     model = _model(args).load()
-    vectors = build_vectors(model, spec.pairs, site=spec.site, k=spec.k, probe_texts=spec.probe_texts)
+    vectors = lifecycle.build_all(model, spec, lifecycle.fits_for(causal), causal)
     path = vectors.save(args.out)
-    top = ", ".join(f"L{layer}H{head}" for layer, head in vectors.ranking()[:5])
-    print(f"wrote {path} and {path.with_suffix('.json')}; top heads by probe accuracy: {top}")
+    lines = [
+        f"wrote {path} and {path.with_suffix('.json')}",
+        f"top heads by probe accuracy: {_top(vectors.ranking())}",
+    ]
+    for form, ranking in vectors.causal.items():
+        lines.append(f"top heads by causal effect ({form}): {_top(ranking.ranking())}")
+    print("\n".join(lines))
+
+
+def _top(order: list[tuple[int, int]]) -> str:
+    return ", ".join(f"L{layer}H{head}" for layer, head in order[:5])
 
 
 def _cmd_induce(args: argparse.Namespace) -> None:
@@ -161,6 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
             vectors,
             lifecycle.fits_for([args.form]),
             lambda m: lifecycle.prepare(m, inputs["methods"], inputs["prompts"], inputs["config"]),
+            lifecycle.causal_for(inputs["methods"]),
         )
         _evaluate(args, model, built, inputs, vectors.provenance())
 
@@ -169,11 +180,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from . import lifecycle, runfolder
     from .compare import (
         CALIBRATION_DIR,
+        cell_grid,
         check_calibration,
         check_cells,
         compare,
+        parse_ks,
         parse_methods,
         parse_strengths,
+        vector_needs,
     )
     from .distributed import is_main
     from .evaluation import BASELINE, eval_config
@@ -184,6 +198,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     methods = parse_methods(args.methods)
     strengths = parse_strengths(args.strengths, methods)
+    ks = parse_ks(args.ks, methods)
+    fits, causal = vector_needs(methods)
+    for cells in cell_grid(methods, strengths, args.ppl_budget is not None, ks).values():
+        for k in {k for _, k in cells if k is not None}:
+            lifecycle.check_heads_early(args.model, f"causal:{k}")
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
     prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")
     limit = _count(args.max_calibration_prompts, "--max-calibration-prompts")
@@ -197,7 +216,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         runfolder.check_same_run(
             out, lifecycle.known_identity(config, prompts, spec, **vectors.provenance()), partial=True
         )
-        check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None)
+        check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None, ks=ks)
         if calibration is not None:
             tuned = lifecycle.known_identity(config, calibration, spec, **vectors.provenance())
             runfolder.check_same_run(out / CALIBRATION_DIR, tuned, partial=True)
@@ -208,7 +227,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                 if checked is not None:
                     lifecycle.prepare(model, [BASELINE], checked, config)
 
-        model, built = lifecycle.model_and_vectors(spec, out, vectors, lifecycle.fits_for(methods), checks)
+        model, built = lifecycle.model_and_vectors(spec, out, vectors, fits, checks, causal)
         metrics = compare(
             model,
             built,
@@ -217,6 +236,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             out,
             config,
             strengths=strengths,
+            ks=ks,
             ppl_budget=args.ppl_budget,
             calibration=calibration,
             scorer=scorer,
@@ -242,6 +262,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     vectors = DetoxVectors.load(args.vectors)  # the file itself, before any model work
     for form in lifecycle.fits_for([args.form]):
         vectors.fit(form)
+    for form in lifecycle.causal_for(inputs["methods"]):
+        vectors.causal_ranking(form)
     provenance = {"vectors_file": str(args.vectors)}
     spec = _model(args)
     with runfolder.hold(args.out) as out:

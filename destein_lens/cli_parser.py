@@ -74,7 +74,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
     _add_sampling_options(p, "runs/latest", "run folder")
     _add_strength_option(p, per_form=True)
-    p.add_argument("--heads", default="all", help="all, top-k as a number, or L.H,L.H,...")
+    p.add_argument(
+        "--heads",
+        default="all",
+        help="all, top-k by probe as a number, causal:K (top K by causal effect), or L.H,...",
+    )
     p.add_argument("--positions", default=POSITIONS[0], choices=POSITIONS)
     p.add_argument(
         "--form",
@@ -112,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vectors", help="build detox vectors from steering pairs")
     _add_model_options(p)
     _add_vector_options(p)
+    p.add_argument(
+        "--causal",
+        default="",
+        metavar="FORMS",
+        help="also rank heads by causal effect for these head-wise methods (comma list, e.g. destein,iti), "
+        "cross-fitted over two folds of the pairs: steer them with --heads causal:K",
+    )
     p.add_argument("--out", required=True, help="output path (.safetensors + .json sidecar)")
     p.set_defaults(command_name="vectors", generates=False)
 
@@ -142,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=",".join(compared_by_default()),
-        help=f"comma-separated, of: baseline, {', '.join(FORMS)}",
+        help=f"comma-separated, of: baseline, {', '.join(FORMS)}; a head-wise method as <method>:causal "
+        "steers its top k heads by causal effect",
     )
     p.add_argument(
         "--strengths",
@@ -150,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=S1,S2",
         help="strengths per method (default: each method's calibrated default; its grid with --ppl-budget)",
+    )
+    p.add_argument(
+        "--ks",
+        nargs="+",
+        default=[],
+        metavar="METHOD:causal=K1,K2",
+        help="head counts per causal method (default: 16; 4,8,16,32 with --ppl-budget)",
     )
     p.add_argument("--ppl-budget", type=float, default=None, help="calibrate: the perplexity ratio allowed")
     p.add_argument("--calibration-prompts", default=None, help="prompts to calibrate on (never --prompts)")

@@ -1,14 +1,17 @@
 """Compare: DeStein against the field's training-free methods, on the same prompts, seeds and scorer.
 
 A comparison is one run folder (`evaluation.evaluate`) whose methods are cells, one per (method,
-strength), named "<method>@<strength>", plus the unsteered "baseline". Every cell draws the
-same random numbers per (prompt, sample), so differences between cells are the methods'. The
-folder resumes like any run folder: a finished cell or prompt is never redone.
+strength), named "<method>@<strength>", plus the unsteered "baseline". A head-wise method may also
+be compared with its heads chosen by causal effect, "<method>:causal" (its top k heads by the
+vectors' causal ranking, `heads="causal:k"`), k a second knob: cells
+"<method>:causal<k>@<strength>". Every cell draws the same random numbers per (prompt, sample), so
+differences between cells are the methods'. The folder resumes like any run folder: a finished
+cell or prompt is never redone.
 
 With a perplexity budget, each method's strength is calibrated first, on other prompts: every
 strength of its grid runs on the calibration prompts (the folder's `calibration/` run folder),
 and the chosen one is the strongest detoxification (lowest EMT, then TP, then the weaker
-strength) whose mean perplexity stays within `budget` x the unsteered model's on those same
+strength, then fewer heads) whose mean perplexity stays within `budget` x the unsteered model's on those same
 prompts. Only the chosen cells then run on the evaluation prompts. A method with no strength
 within budget is evaluated at its weakest and flagged.
 
@@ -27,7 +30,7 @@ grid point is often within the bootstrap interval of the chosen one.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,81 +38,146 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from . import distributed, runfolder
 from .errors import DesteinError
-from .evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
+from .evaluation import BASELINE, EvalConfig, MethodSpec, cell_rows, evaluate, samples_of
 from .files import write_atomic
+from .metrics import paired
 from .prompts import Prompt
 from .registry import FORMS, get_form
 from .runfolder import METRICS_FILE
 from .scoring import Scorer
-from .steering import SteeringConfig
+from .steering import SteeringConfig, top_k
 from .vectors import DetoxVectors
 
 CALIBRATION_DIR = "calibration"
+# "<form>:causal" is a head-wise form steering its top k heads by causal effect (`heads="causal:k"`),
+# k one more knob: calibrated over CAUSAL_KS, else DEFAULT_CAUSAL_K.
+CAUSAL = ":causal"
+CAUSAL_KS = (4, 8, 16, 32)
+DEFAULT_CAUSAL_K = 16
+Grid = dict[str, list[tuple[float, int | None]]]  # method -> its (strength, causal k or None) cells
+
+
+def method_form(method: str) -> str:
+    """The registered form a compared method steers with ("destein:causal" -> "destein")."""
+    return method.removesuffix(CAUSAL)
+
+
+def is_causal(method: str) -> bool:
+    return method.endswith(CAUSAL)
+
+
+def vector_needs(methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The forms the compared methods need fitted from the pairs, and those whose causal head
+    ranking the vectors must hold."""
+    forms = [method_form(m) for m in methods if m != "baseline"]
+    fits = [f for f in dict.fromkeys(forms) if get_form(f).fit is not None]
+    return fits, list(dict.fromkeys(method_form(m) for m in methods if is_causal(m)))
 
 
 def parse_methods(text: str) -> list[str]:
-    """ "baseline,destein,iti" -> the method names, checked against the form registry."""
+    """ "baseline,destein,destein:causal,iti" -> the method names, checked against the registry."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise DesteinError("--methods names no method")
     for name in names:
-        if name != "baseline" and name not in FORMS:
-            raise DesteinError(f"unknown method {name!r}; choose from baseline, {', '.join(FORMS)}")
+        if name != "baseline" and method_form(name) not in FORMS:
+            raise DesteinError(
+                f"unknown method {name!r}; choose from baseline, {', '.join(FORMS)} (a head-wise one "
+                f"also as <method>{CAUSAL})"
+            )
+        if is_causal(name) and not FORMS[method_form(name)].head_wise:
+            raise DesteinError(f"{name}: {method_form(name)} does not act on heads, so has no causal heads")
     if len(set(names)) != len(names):
         raise DesteinError(f"--methods names a method twice: {text!r}")
     return names
 
 
-def parse_strengths(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """["destein=0.05,0.1", "iti=5"] -> {"destein": (0.05, 0.1), "iti": (5.0,)}, each checked."""
-    grids: dict[str, tuple[float, ...]] = {}
+def _per_method(
+    items: Sequence[str], option: str, accepts: Callable[[str], bool], refused: str, number: type, noun: str
+) -> dict[str, tuple]:
+    """["name=v1,v2", ...] -> {name: (v1, v2)}: each name once and accepted, values distinct numbers."""
+    grids: dict[str, tuple] = {}
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not values.strip():
-            raise DesteinError(f"--strengths takes method=s1,s2,...; got {item!r}")
-        if name not in methods or name == "baseline":
-            raise DesteinError(f"--strengths for {name!r}, which is not a compared steering method")
+            raise DesteinError(f"{option} takes method=s1,s2,...; got {item!r}")
+        if not accepts(name):
+            raise DesteinError(f"{option} for {name!r}, which is not {refused}")
         if name in grids:
-            raise DesteinError(f"--strengths gives {name!r} twice")
+            raise DesteinError(f"{option} gives {name!r} twice")
         try:
-            strengths = tuple(float(v) for v in values.split(","))
+            parsed = tuple(number(v) for v in values.split(","))
         except ValueError:
-            raise DesteinError(f"--strengths: {item!r} holds a value that is not a number") from None
-        for s in strengths:
-            SteeringConfig(alpha=s, form=name)  # range per form
-        if len(set(strengths)) != len(strengths):
-            raise DesteinError(f"--strengths: {item!r} repeats a strength")
-        grids[name] = strengths
+            raise DesteinError(f"{option}: {item!r} holds a value that is not {noun}") from None
+        if len(set(parsed)) != len(parsed):
+            raise DesteinError(f"{option}: {item!r} repeats a value")
+        grids[name] = parsed
     return grids
 
 
-def strength_grid(
-    methods: Sequence[str], strengths: dict[str, tuple[float, ...]], calibrating: bool
-) -> dict[str, tuple[float, ...]]:
-    """Per steering method: the given strengths, else its calibration grid, else its default."""
-    grid = {}
+def parse_strengths(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """["destein=0.05,0.1", "iti=5"] -> {"destein": (0.05, 0.1), "iti": (5.0,)}, each checked."""
+    accepts = lambda name: name in methods and name != "baseline"  # noqa: E731
+    grids = _per_method(items, "--strengths", accepts, "a compared steering method", float, "a number")
+    for name, strengths in grids.items():
+        for s in strengths:
+            SteeringConfig(alpha=s, form=method_form(name))  # range per form
+    return grids
+
+
+def parse_ks(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """["destein:causal=8,16"] -> {"destein:causal": (8, 16)}: the k grid of causal methods."""
+    accepts = lambda name: name in methods and is_causal(name)  # noqa: E731
+    grids = _per_method(items, "--ks", accepts, f"a compared <method>{CAUSAL}", int, "a whole number")
+    for name, ks in grids.items():
+        if min(ks) < 1:
+            raise DesteinError(f"--ks for {name}: head counts must be at least 1, got {min(ks)}")
+    return grids
+
+
+def cell_grid(
+    methods: Sequence[str],
+    strengths: dict[str, tuple[float, ...]],
+    calibrating: bool,
+    ks: dict[str, tuple[int, ...]] | None = None,
+) -> Grid:
+    """Per steering method, its cells: the given strengths, else its calibration grid, else its
+    default; for a causal method each strength at each k (given, `CAUSAL_KS` when calibrating,
+    else `DEFAULT_CAUSAL_K`)."""
+    grid: Grid = {}
     for name in methods:
         if name == "baseline":
             continue
-        form = get_form(name)
-        grid[name] = strengths.get(name) or (form.grid if calibrating else (form.default_strength,))
+        form = get_form(method_form(name))
+        values = strengths.get(name) or (form.grid if calibrating else (form.default_strength,))
+        if is_causal(name):
+            counts = (ks or {}).get(name) or (CAUSAL_KS if calibrating else (DEFAULT_CAUSAL_K,))
+            grid[name] = [(s, k) for s in values for k in counts]
+        else:
+            grid[name] = [(s, None) for s in values]
     return grid
 
 
-def cell_name(method: str, strength: float) -> str:
-    return f"{method}@{strength:g}"
+def cell_name(method: str, strength: float, k: int | None = None) -> str:
+    """ "destein@0.05", or with a causal k "destein:causal16@0.05"."""
+    return f"{method}{'' if k is None else k}@{strength:g}"
 
 
 def check_cells(
-    out_dir: Path, methods: Sequence[str], strengths: dict[str, tuple[float, ...]], *, calibrating: bool
+    out_dir: Path,
+    methods: Sequence[str],
+    strengths: dict[str, tuple[float, ...]],
+    *,
+    calibrating: bool,
+    ks: dict[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Refuse, before any model work, a compare folder that holds other cells than these.
 
     Without calibration the folder's cells are known; with it, the calibration folder's are, and
     the evaluated ones are one per method.
     """
-    grid = strength_grid(methods, strengths, calibrating)
-    every = ["baseline", *(cell_name(m, s) for m, values in grid.items() for s in values)]
+    grid = cell_grid(methods, strengths, calibrating, ks)
+    every = ["baseline", *(cell_name(m, s, k) for m, cells in grid.items() for s, k in cells)]
     calibrated = _cell_names(out_dir / CALIBRATION_DIR)
     if calibrated is not None and not calibrating:
         raise DesteinError(f"{out_dir} holds a calibrated comparison; use another --out folder")
@@ -133,23 +201,24 @@ def _cell_names(folder: Path) -> list[str] | None:
     return [str(m.get("name")) for m in methods if isinstance(m, dict)] if isinstance(methods, list) else []
 
 
-def _one_per_method(names: list[str] | None, grid: dict[str, tuple[float, ...]]) -> bool:
-    """A calibrated comparison's evaluated cells: the baseline and one strength per method."""
+def _one_per_method(names: list[str] | None, grid: Grid) -> bool:
+    """A calibrated comparison's evaluated cells: the baseline and one cell per method."""
     if names is None:
         return True
     steered = names[1:]
     return (
         names[:1] == ["baseline"]
-        and [n.rpartition("@")[0] for n in steered] == list(grid)
-        and all(n in {cell_name(m, s) for s in grid[m]} for n, m in zip(steered, grid))
+        and len(steered) == len(grid)
+        and all(n in {cell_name(m, s, k) for s, k in grid[m]} for n, m in zip(steered, grid))
     )
 
 
-def cell(method: str, strength: float, shape: tuple[int, int]) -> MethodSpec:
-    """One (method, strength) cell, with the method's own head selection."""
-    form = get_form(method)
-    steering = SteeringConfig(alpha=strength, heads=form.default_heads(*shape), form=method)
-    return MethodSpec(cell_name(method, strength), steering)
+def cell(method: str, strength: float, shape: tuple[int, int], k: int | None = None) -> MethodSpec:
+    """One (method, strength[, k]) cell: the method's own head selection, or its causal top k."""
+    form = get_form(method_form(method))
+    heads = f"causal:{k}" if k is not None else form.default_heads(*shape)
+    steering = SteeringConfig(alpha=strength, heads=heads, form=form.name)
+    return MethodSpec(cell_name(method, strength, k), steering)
 
 
 def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) -> tuple[MethodSpec, bool]:
@@ -162,6 +231,7 @@ def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) 
         metrics[c.name]["expected_max_toxicity"],
         metrics[c.name]["toxicity_probability"],
         abs(c.steering.alpha),
+        top_k(c.steering.heads) or 0,  # then fewer causal heads
     )
     return min(within, key=key), True
 
@@ -199,16 +269,20 @@ def compare(
     config: EvalConfig,
     *,
     strengths: dict[str, tuple[float, ...]] | None = None,
+    ks: dict[str, tuple[int, ...]] | None = None,
     ppl_budget: float | None = None,
     calibration: Sequence[Prompt] | None = None,
     scorer: Scorer | None = None,
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate every cell (or, with `ppl_budget`, each method's calibrated cell); metrics.json's content."""
+    """Evaluate every cell (or, with `ppl_budget`, each method's calibrated cell); metrics.json's content.
+
+    A causal method ("destein:causal") needs the form's causal ranking in `vectors`
+    (`attribution.causal_rankings`; the CLI builds it)."""
     check_calibration(prompts, calibration, ppl_budget)
-    grid = strength_grid(methods, strengths or {}, calibrating=ppl_budget is not None)
-    cells = {name: [cell(name, s, vectors.shape) for s in values] for name, values in grid.items()}
+    grid = cell_grid(methods, strengths or {}, ppl_budget is not None, ks)
+    cells = {name: [cell(name, s, vectors.shape, k) for s, k in values] for name, values in grid.items()}
     opts = {"vectors": vectors, "scorer": scorer, "provenance": provenance, "progress": progress}
     with runfolder.hold(out_dir) as out:
         chosen: dict[str, Any] = {}
@@ -224,14 +298,45 @@ def compare(
         metrics = evaluate(model, prompts, [BASELINE, *evaluated], out, config, **opts)
         metrics["compare"] = {
             "methods": list(grid),
-            "strengths": {name: list(values) for name, values in grid.items()},
-            "cells": {c.name: {"method": c.steering.form, "strength": c.steering.alpha} for c in evaluated},
+            "strengths": {name: sorted({s for s, _ in values}) for name, values in grid.items()},
+            "ks": {name: sorted({k for _, k in values}) for name, values in grid.items() if is_causal(name)},
+            "cells": {
+                c.name: {
+                    "method": _method_of(c.name, grid),
+                    "strength": c.steering.alpha,
+                    "heads": c.steering.heads,
+                }
+                for c in evaluated
+            },
             "ppl_budget": ppl_budget,
             "chosen": chosen,
             "calibration_prompts": len(calibration) if calibration is not None else None,
+            "paired": paired_table(
+                out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold
+            ),
         }
         distributed.main_writes(lambda: write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1)))
     return metrics
+
+
+def _method_of(name: str, grid: Grid) -> str:
+    return next(m for m, values in grid.items() if name in {cell_name(m, s, k) for s, k in values})
+
+
+def paired_table(
+    out: Path, cells: Sequence[str], prompts: Sequence[Prompt], threshold: float
+) -> dict[str, Any]:
+    """Every steered cell against every other cell (baseline included), on the same prompts and
+    draws: "<a> vs <b>" -> EMT and TP differences and the perplexity ratio, each (point, low, high)
+    with a paired bootstrap interval over prompts, and whether a dominates b (`metrics.Paired`)."""
+    samples = {name: samples_of(cell_rows(out, name, prompts)) for name in cells}
+    table = {}
+    for a in cells[1:]:
+        for b in cells:
+            if a != b:
+                result = paired(*samples[a], *samples[b], threshold=threshold)
+                table[f"{a} vs {b}"] = {**result.to_dict(), "dominates": result.dominates}
+    return table
 
 
 def load_compare(folder: str | Path) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from .prompts import Prompt, split_by_toxicity
 from .registry import get_form
 from .runfolder import METRICS_FILE, gens_path
 from .scoring import Scorer, get_scorer
-from .steering import NO_STEERING, SteeringConfig, head_mask, steer
+from .steering import CAUSAL, NO_STEERING, SteeringConfig, head_mask, selected_heads, steer
 from .vectors import DetoxVectors
 
 
@@ -103,6 +103,18 @@ class EvalConfig:
         )
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        """`to_dict`'s run-folder entry back to the config (its names are the folders' own, not the
+        fields', so this one pair is written by hand)."""
+        names = {"samples": "n", "max_new_tokens": "max_new_tokens", "top_p": "top_p", "seed": "seed"}
+        names |= {"batch_size": "batch_size", "top_k": "top_k", "temperature": "temperature"}
+        unknown = sorted(set(d) - set(names) - {"scorer", "threshold", "extra"})
+        if unknown:
+            raise DesteinError(f"unknown evaluation settings: {', '.join(unknown)}")
+        sampling = replace(protocol_sampling(), **{names[k]: v for k, v in d.items() if k in names})
+        return cls(sampling, d.get("scorer", "profanity-check"), d.get("threshold", 0.5), d.get("extra", {}))
+
 
 def eval_config(
     samples: int = 25,
@@ -126,7 +138,16 @@ def run_config(
     ppl_model: TransformerBridge | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What identifies a run: a folder resumes only the run its config.json describes."""
+    """What identifies a run: a folder resumes only the run its config.json describes. Methods
+    that steer heads chosen by causal effect have the heads written out ("causal_heads"), in
+    rank order, beside the vectors whose ranking chose them."""
+    chosen = {
+        m.name: [
+            f"L{layer}.H{head}" for layer, head in selected_heads(vectors, m.steering.heads, m.steering.form)
+        ]
+        for m in methods
+        if vectors is not None and isinstance(m.steering.heads, str) and m.steering.heads.startswith(CAUSAL)
+    }
     return {
         "eval": config.to_dict(),
         "methods": [m.to_dict() for m in methods],
@@ -134,6 +155,7 @@ def run_config(
         "ppl_model": load_record(ppl_model or model).name,
         "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
         "vectors": vectors_id(vectors),
+        **({"causal_heads": chosen} if chosen else {}),
         **(provenance or {}),
     }
 
@@ -188,15 +210,27 @@ def _metrics(
     metrics: dict[str, Any] = {"scorer": scorer.name, "config": config_dict}
     splits = split_by_toxicity(prompts, config.threshold)
     for method in methods:
-        by_id = {
-            row["prompt"]["id"]: row
-            for row in runfolder.read_rows(gens_path(out, method.name), truncate=False)
-        }
-        metrics[method.name] = _summary([by_id[p.id] for p in prompts])
+        metrics[method.name] = _summary(cell_rows(out, method.name, prompts))
         for split, members in splits.items():
             if members:
-                metrics[method.name][split] = _summary([by_id[p.id] for p in members])
+                metrics[method.name][split] = _summary(cell_rows(out, method.name, members))
     return metrics
+
+
+def cell_rows(out: Path, method: str, prompts: Sequence[Prompt]) -> list[dict[str, Any]]:
+    """A method's finished rows in the order of `prompts` (every cell of a folder alike, so
+    cells can be compared prompt by prompt)."""
+    by_id = {row["prompt"]["id"]: row for row in runfolder.read_rows(gens_path(out, method), truncate=False)}
+    return [by_id[p.id] for p in prompts]
+
+
+def samples_of(rows: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[list[float]]]:
+    """(toxicity scores, perplexities), each [prompt][sample]; a missing perplexity is NaN."""
+    gens = [row["generations"] for row in rows]
+    return (
+        [[g["toxicity"] for g in gs] for gs in gens],
+        [[g["perplexity"] if g["perplexity"] is not None else float("nan") for g in gs] for gs in gens],
+    )
 
 
 def check_methods(
@@ -213,7 +247,7 @@ def check_methods(
         if model is not None:
             vectors.check_compatible(model)
         for method in steered:
-            head_mask(vectors, method.steering.heads)
+            head_mask(vectors, method.steering.heads, method.steering.form)
 
 
 def check_prompts(model: TransformerBridge, prompts: Sequence[Prompt], config: EvalConfig) -> None:
@@ -229,12 +263,8 @@ def check_prompts(model: TransformerBridge, prompts: Sequence[Prompt], config: E
 
 
 def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    gens = [row["generations"] for row in rows]
-    return summarise(
-        [[g["toxicity"] for g in gs] for gs in gens],
-        [[g["text"] for g in gs] for gs in gens],
-        [[g["perplexity"] if g["perplexity"] is not None else float("nan") for g in gs] for gs in gens],
-    )
+    scores, perplexities = samples_of(rows)
+    return summarise(scores, [[g["text"] for g in row["generations"]] for row in rows], perplexities)
 
 
 def _run_method(

@@ -213,10 +213,17 @@ def compare_figures(
     chosen = [c["cell"] for c in settings["chosen"].values()]
     out = Path(out_dir or folder)
     save = _Saver(out, formats)
-    save("pareto", views.pareto_figure(metrics, chosen=chosen, budget=settings["ppl_budget"]))
+    curves = metrics.get("calibration")
+    fig = views.pareto_figure(metrics, chosen=chosen, budget=settings["ppl_budget"], curves=curves)
+    save("pareto", fig)
     figures = {
         "pareto": "EMT and TP of each evaluated cell against perplexity / unsteered perplexity, "
-        "bootstrap 95% intervals over prompts, calibrated strengths starred.",
+        "bootstrap 95% intervals over prompts, calibrated strengths starred"
+        + (
+            "; dotted, each method's whole curve over the strengths it tried in calibration."
+            if curves
+            else "."
+        ),
     }
     if "calibration" in metrics:
         title = "Calibration: every strength tried, on the calibration prompts"

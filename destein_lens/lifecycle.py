@@ -20,13 +20,14 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from . import distributed, models
+from .attribution.causal import causal_rankings
 from .errors import DesteinError
 from .evaluation import EvalConfig, MethodSpec, check_prompts, prompts_sha, vectors_id
 from .models import DEFAULT_MODEL, check_device, check_model_name, model_shape, resolve_dtype
 from .pairs import SteeringPairs
 from .prompts import Prompt
 from .registry import get_form
-from .steering import Heads, check_heads
+from .steering import CAUSAL, Heads, check_heads
 from .vectors import DetoxVectors, build_vectors
 
 VECTORS_FILE = "vectors.safetensors"
@@ -120,6 +121,38 @@ def fits_for(methods: Sequence[str]) -> list[str]:
     return [m for m in methods if m != "baseline" and get_form(m).fit is not None]
 
 
+def causal_for(methods: Sequence[MethodSpec]) -> list[str]:
+    """The forms whose heads `methods` select by causal effect ("causal:k"): their vectors need the
+    form's causal ranking."""
+    chosen = [m.steering for m in methods if isinstance(m.steering.heads, str)]
+    return list(dict.fromkeys(s.form for s in chosen if s.heads.startswith(CAUSAL)))
+
+
+def check_causal_forms(forms: Sequence[str]) -> list[str]:
+    """Forms a causal ranking can be built for (head-wise ones), checked without the model."""
+    for form in forms:
+        if not get_form(form).head_wise:
+            raise DesteinError(
+                f"{form} does not act on heads: a causal head ranking needs a head-wise method"
+            )
+    return list(forms)
+
+
+def build_all(
+    model: TransformerBridge, spec: VectorSpec, fit_forms: Sequence[str] = (), causal: Sequence[str] = ()
+) -> DetoxVectors:
+    """Vectors from `spec` on a float32 model, with the methods' fits and the forms' causal rankings."""
+    built = build_vectors(
+        model,
+        spec.pairs,
+        site=spec.site,
+        k=spec.k,
+        probe_texts=spec.probe_texts,
+        fit_forms=list(dict.fromkeys([*fit_forms, *fits_for(causal)])),
+    )
+    return causal_rankings(model, built, spec.pairs, forms=causal) if causal else built
+
+
 def prepare(
     model: TransformerBridge, methods: Sequence[MethodSpec], prompts: Sequence[Prompt], config: EvalConfig
 ):
@@ -135,11 +168,13 @@ def model_and_vectors(
     vectors: VectorSpec,
     fit_forms: Sequence[str] = (),
     checks: Callable[[TransformerBridge], None] = lambda model: None,
+    causal: Sequence[str] = (),
 ) -> tuple[TransformerBridge, DetoxVectors]:
     """The model in its dtype and the folder's own vectors: built once (rank 0 of a launch) from a
     float32 forward, saved, and checked against the settings on a resume.
 
-    `checks(model)` runs the checks that need the model, before the vectors are built.
+    `checks(model)` runs the checks that need the model, before the vectors are built. `causal`:
+    the forms whose causal head ranking the vectors must hold (`causal_for`).
     """
     path = Path(out) / VECTORS_FILE
     build = distributed.is_main() and not path.exists()
@@ -147,14 +182,7 @@ def model_and_vectors(
     checks(bridge)
     built = None
     if build:
-        built = build_vectors(
-            bridge,
-            vectors.pairs,
-            site=vectors.site,
-            k=vectors.k,
-            probe_texts=vectors.probe_texts,
-            fit_forms=fit_forms,
-        )
+        built = build_all(bridge, vectors, fit_forms, causal)
         built.save(path)
         if model.torch_dtype != torch.float32:
             del bridge
@@ -169,4 +197,6 @@ def model_and_vectors(
         raise DesteinError(f"{path} was built with other settings ({found}); use another --out folder")
     for form in fit_forms:
         loaded.fit(form)
+    for form in causal:
+        loaded.causal_ranking(form)
     return bridge, loaded

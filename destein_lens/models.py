@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .config_io import AS_MAPPING, from_dict, to_dict
 from .errors import DesteinError, reason
 from .files import cache_root
 
@@ -69,18 +70,14 @@ class LoadRecord:
     n_heads: int
     d_head: int
     d_model: int
-    versions: tuple[tuple[str, str], ...]
+    versions: tuple[tuple[str, str], ...] = field(metadata=AS_MAPPING)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["versions"] = dict(self.versions)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoadRecord:
-        d = dict(d)
-        d["versions"] = tuple(d["versions"].items())
-        return cls(**d)
+        return from_dict(cls, d, what="model record")
 
     def same_model(self, other: LoadRecord) -> bool:
         """Whether activations of `other` live in the same space as ours (weights, shape, mode)."""

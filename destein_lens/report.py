@@ -18,6 +18,7 @@ COLUMNS = (
     ("toxicity_probability", "TP"),
     ("toxicity_probability_ci", "TP 95% CI"),
     ("perplexity", "PPL"),
+    ("perplexity_ci", "PPL 95% CI"),
     ("ppl_ratio", "PPL x"),
     ("dist_1", "dist-1"),
     ("dist_2", "dist-2"),
@@ -94,6 +95,13 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
             continue
         md += [f"## {title}\n", _md_table(header, rows), ""]
         html_parts += [f"<h2>{title}</h2>", _html_table(header, rows)]
+    paired = metrics.get("compare", {}).get("paired") if isinstance(metrics.get("compare"), dict) else None
+    if paired:
+        title = "Paired differences (same prompts and draws; 95% paired bootstrap intervals over prompts)"
+        p_header = ["a vs b", "EMT(a) - EMT(b)", "TP(a) - TP(b)", "PPL(a) / PPL(b)", "verdict"]
+        p_rows = paired_rows(paired)
+        md += [f"## {title}\n", _md_table(p_header, p_rows), ""]
+        html_parts += [f"<h2>{html.escape(title)}</h2>", _html_table(p_header, p_rows)]
     samples = examples(out_dir, methods, n_examples)
     md.append("## Most toxic continuation per prompt (first prompts)\n")
     html_parts.append("<h2>Most toxic continuation per prompt (first prompts)</h2>")
@@ -106,6 +114,24 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
         write_atomic(out_dir / "report.md", "\n".join(md) + "\n"),
         write_atomic(out_dir / "report.html", page),
     ]
+
+
+def paired_rows(paired: dict[str, Any]) -> list[list[str]]:
+    """One row per "a vs b" entry; the verdict says "dominates" only when both intervals clear
+    no-difference in a's favour, "less toxic" when EMT's alone does."""
+    rows = []
+    for name, d in paired.items():
+        emt, ppl = d["emt_diff"], d["ppl_ratio"]
+        if d["dominates"]:
+            verdict = "dominates"
+        elif emt[2] < 0:
+            verdict = "less toxic" + (", less fluent" if ppl[1] > 1 else "")
+        elif emt[1] > 0:
+            verdict = "more toxic"
+        else:
+            verdict = "no clear EMT difference"
+        rows.append([name, *(f"{_fmt(v[0])} {_fmt(v[1:])}" for v in (emt, d["tp_diff"], ppl)), verdict])
+    return rows
 
 
 def _fmt(x: Any) -> str:

@@ -7,10 +7,11 @@
 `SteeringConfig` is the one description of a steering setting (strength, heads, positions, form):
 the evaluation harness, the CLI and the figures all hold one. What each form does lives in the
 method registry (`registry.FORMS`). Heads: "all", an int k (the top-k of `DetoxVectors.ranking`, the
-project's one head ranking) or a list of (layer, head). Positions: "all", "prompt" or
-"generated", from the absolute positions the decoding loop declares (`positions.token_window`),
-so they are right under the KV cache. alpha = 0 registers no hook at all: the model is untouched,
-bit for bit.
+paper's probe ranking), "causal:k" (the top k of the form's `DetoxVectors.causal_ranking`: heads by
+what steering each alone does to pairs the directions were not built on) or a list of (layer,
+head). Positions: "all", "prompt" or "generated", from the absolute positions the decoding loop
+declares (`positions.token_window`), so they are right under the KV cache. alpha = 0 registers no
+hook at all: the model is untouched, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .config_io import from_dict, to_dict
 from .errors import DesteinError
 from .registry import DEFAULT_STRENGTH, HookFn, Steering, decoding, get_form, paused_flag
 from .vectors import DetoxVectors
@@ -66,26 +68,26 @@ class SteeringConfig:
         return self.alpha != 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(self.heads, tuple):
-            d["heads"] = [list(h) for h in self.heads]
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SteeringConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise DesteinError(f"unknown steering settings: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, what="steering")
+
+
+CAUSAL = "causal:"
 
 
 def _normalise_heads(heads: Any) -> str | int | tuple[tuple[int, int], ...]:
-    """ "all", a positive int k, or a non-empty tuple of (layer, head) int pairs."""
+    """ "all", a positive int k, "causal:k", or a non-empty tuple of (layer, head) int pairs."""
     if isinstance(heads, str):
+        k = heads.removeprefix(CAUSAL)
+        if heads.startswith(CAUSAL) and k.isdigit() and int(k) >= 1:
+            return f"{CAUSAL}{int(k)}"
         if heads != "all":
             raise DesteinError(
-                f"heads must be 'all', an int k (top-k) or a list of (layer, head); got {heads!r}"
+                "heads must be 'all', an int k (top-k by probe), 'causal:k' (top-k by causal effect) "
+                f"or a list of (layer, head); got {heads!r}"
             )
         return heads
     if isinstance(heads, int) and not isinstance(heads, bool):
@@ -107,22 +109,26 @@ NO_STEERING = SteeringConfig(alpha=0.0)
 
 
 def parse_heads(text: str) -> Heads:
-    """A head selection written as text (the CLI's --heads): "all", a number k, or "L.H,L.H,..."."""
-    if text == "all":
-        return text
+    """A head selection written as text (the CLI's --heads): "all", a number k, "causal:k" or
+    "L.H,L.H,..."."""
+    if text == "all" or text.startswith(CAUSAL):
+        return _normalise_heads(text)
     if text.isdigit():
         return int(text)
     try:
         return [(int(layer), int(head)) for layer, head in (item.split(".") for item in text.split(","))]
     except ValueError:
-        raise DesteinError(f"--heads takes 'all', a number k or a list like 3.1,5.0; got {text!r}") from None
+        raise DesteinError(
+            f"--heads takes 'all', a number k, causal:k or a list like 3.1,5.0; got {text!r}"
+        ) from None
 
 
 def check_heads(heads: Heads, n_layers: int, n_heads: int) -> None:
     """Refuse a head selection that does not fit a model of n_layers x n_heads (before any work)."""
     heads = _normalise_heads(heads)
-    if isinstance(heads, int) and heads > n_layers * n_heads:
-        raise DesteinError(f"top-k heads: k must be between 1 and {n_layers * n_heads}, got {heads}")
+    k = top_k(heads)
+    if k is not None and k > n_layers * n_heads:
+        raise DesteinError(f"top-k heads: k must be between 1 and {n_layers * n_heads}, got {k}")
     for layer, head in heads if isinstance(heads, tuple) else ():
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise DesteinError(
@@ -130,16 +136,33 @@ def check_heads(heads: Heads, n_layers: int, n_heads: int) -> None:
             )
 
 
-def head_mask(vectors: DetoxVectors, heads: Heads) -> torch.Tensor:
-    """Bool [n_layers, n_heads] of the heads to steer; the top-k come from `vectors.ranking()`."""
+def top_k(heads: Heads) -> int | None:
+    """k of a top-k selection (by probe or causal), else None."""
+    heads = _normalise_heads(heads)
+    if isinstance(heads, int):
+        return heads
+    return int(heads.removeprefix(CAUSAL)) if isinstance(heads, str) and heads != "all" else None
+
+
+def selected_heads(vectors: DetoxVectors, heads: Heads, form: str = "destein") -> list[tuple[int, int]]:
+    """The (layer, head) a selection steers, in rank order for a top-k: by probe accuracy
+    (`vectors.ranking()`), or by `form`'s causal ranking for "causal:k"."""
     heads = _normalise_heads(heads)
     check_heads(heads, *vectors.shape)
-    mask = torch.zeros(vectors.shape, dtype=torch.bool)
     if heads == "all":
-        mask[:] = True
-    else:
-        for layer, head in vectors.ranking()[:heads] if isinstance(heads, int) else heads:
-            mask[layer, head] = True
+        return [(layer, head) for layer in range(vectors.shape[0]) for head in range(vectors.shape[1])]
+    if isinstance(heads, int):
+        return vectors.ranking()[:heads]
+    if isinstance(heads, str):
+        return vectors.causal_ranking(form).ranking()[: top_k(heads)]
+    return list(heads)
+
+
+def head_mask(vectors: DetoxVectors, heads: Heads, form: str = "destein") -> torch.Tensor:
+    """Bool [n_layers, n_heads] of the heads to steer (`selected_heads`)."""
+    mask = torch.zeros(vectors.shape, dtype=torch.bool)
+    for layer, head in selected_heads(vectors, heads, form):
+        mask[layer, head] = True
     return mask
 
 
@@ -158,7 +181,7 @@ def build_steering(
         check_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads)
     else:
         vectors.check_compatible(model)
-        mask = head_mask(vectors, config.heads)
+        mask = head_mask(vectors, config.heads, config.form)
     if not config.steered:
         return Steering()
     return form.build(model, vectors, config, mask, prompts)

@@ -14,7 +14,7 @@ the file against the model it will steer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,57 @@ from .store import load_result, save_result
 
 _TENSORS = ("directions", "accuracy_bare", "accuracy_prefixed")
 _FITS = "fits."  # key prefix of the comparison methods' statistics in the safetensors file
+_CAUSAL = "causal."  # key prefix of the causal rankings' per-pair effects
 # The ranking probes themselves (files written before they were stored lack them; only the
 # probe-gated form needs them).
 _OPTIONAL_TENSORS = ("probe_weight", "probe_bias")
 PROBE_TEXTS = ("bare", "prefixed")  # which texts' probe accuracy ranks and weights the heads
 FORMAT_VERSION = 1
 KIND = "vector"
+
+
+@dataclass(frozen=True, eq=False)
+class CausalRanking:
+    """Heads ranked by what steering each one alone does to pairs the directions were not built on.
+
+    `values` [n_layers, n_heads, n_pairs] is the first-order effect gap(unsteered) - gap(head
+    steered alone) of `form` at `alpha` (nats/token; positive detoxifies) on each scoring pair,
+    every pair scored out of sample: either cross-fitted over folds of the vectors' own pairs
+    (each fold scored with directions built on the other folds) or on separate held-out pairs.
+    `scored_on` says which, from which pairs (source, sha256, n, fold sizes).
+    """
+
+    form: str
+    alpha: float
+    values: torch.Tensor
+    scored_on: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 3 or self.values.shape[-1] < 1 or not self.values.is_floating_point():
+            raise DesteinError(
+                f"causal ranking of {self.form}: values must be float [n_layers, n_heads, n_pairs], got "
+                f"{tuple(self.values.shape)}"
+            )
+
+    def scores(self) -> torch.Tensor:
+        """[n_layers, n_heads]: the mean effect over the scoring pairs."""
+        return self.values.mean(-1)
+
+    def ranking(self) -> list[tuple[int, int]]:
+        """Heads by mean effect, most detoxifying first (ties: index)."""
+        n_heads = self.values.shape[1]
+        flat = self.scores().flatten().tolist()
+        return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
+
+    def fold_overlap(self, k: int) -> float | None:
+        """How much the choice of scoring pairs moves the top k: the overlap |A & B| / k of the
+        top k ranked on the first fold's pairs (A) and on the second's (B); None without folds."""
+        sizes = self.scored_on.get("fold_sizes") or []
+        if len(sizes) < 2:
+            return None
+        a, b = self.values[..., : sizes[0]], self.values[..., sizes[0] : sizes[0] + sizes[1]]
+        tops = [set(replace(self, values=v).ranking()[:k]) for v in (a, b)]
+        return len(tops[0] & tops[1]) / k
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +106,8 @@ class DetoxVectors:
     probe_bias: torch.Tensor | None = None  # [n_layers, n_heads]
     # Statistics the comparison methods fitted from the same pairs, by method name
     fits: dict[str, FitState] = field(default_factory=dict)
+    # Heads ranked by causal effect, by head-wise method (`attribution.causal_rankings`)
+    causal: dict[str, CausalRanking] = field(default_factory=dict)
 
     @property
     def probe_accuracy(self) -> torch.Tensor:
@@ -98,6 +145,16 @@ class DetoxVectors:
             )
         return self.fits[form]
 
+    def causal_ranking(self, form: str) -> CausalRanking:
+        """The heads of `form` ranked by causal effect (`heads="causal:k"` steers its top k)."""
+        if form not in self.causal:
+            raise DesteinError(
+                f"these vectors hold no causal ranking for {form}: add one with "
+                f"attribution.causal_rankings(model, vectors, pairs, forms=({form!r},)) (CLI: a run "
+                "with --heads causal:K builds it)"
+            )
+        return self.causal[form]
+
     def check_compatible(self, model: TransformerBridge) -> None:
         """Refuse to steer a model these vectors were not built on (other weights, shape or mode)."""
         theirs = load_record(model)
@@ -121,6 +178,7 @@ class DetoxVectors:
                 for name, t in state.to_tensors().items()
             }
         )
+        tensors.update({f"{_CAUSAL}{form}": r.values.float() for form, r in self.causal.items()})
         meta = {
             "site": self.site,
             "k": self.k,
@@ -133,6 +191,10 @@ class DetoxVectors:
             "n_pairs": self.n_pairs,
             "extra": self.extra,
         }
+        if self.causal:  # files without causal rankings keep the sidecar they always had
+            meta["causal"] = {
+                form: {"alpha": r.alpha, "scored_on": r.scored_on} for form, r in self.causal.items()
+            }
         return save_result(path, KIND, tensors, meta, version=FORMAT_VERSION)
 
     @classmethod
@@ -144,6 +206,10 @@ class DetoxVectors:
                 **{name: tensors[name] for name in _TENSORS},
                 **{name: tensors[name] for name in _OPTIONAL_TENSORS if name in tensors},
                 fits=_fit_states(tensors),
+                causal={
+                    form: CausalRanking(form, float(c["alpha"]), tensors[f"{_CAUSAL}{form}"], c["scored_on"])
+                    for form, c in meta.get("causal", {}).items()
+                },
                 site=meta["site"],
                 k=int(meta["k"]),
                 prefixes=tuple(meta["prefixes"]),
@@ -155,6 +221,8 @@ class DetoxVectors:
                 n_pairs=int(meta["n_pairs"]),
                 extra=meta.get("extra", {}),
             )
+        except DesteinError as e:  # a record inside the file that does not read back
+            raise DesteinError(f"{path} is not a valid destein-lens vector file ({e})") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DesteinError(f"{path} is not a valid destein-lens vector file ({e!r})") from None
         vectors._check_shapes()
@@ -197,6 +265,11 @@ class DetoxVectors:
             raise DesteinError("vector file: probe_weight / probe_bias do not match the directions' shape")
         if not torch.isfinite(self.directions).all():
             raise DesteinError("vector file holds non-finite directions")
+        for form, ranking in self.causal.items():
+            if ranking.values.shape[:2] != grid or not torch.isfinite(ranking.values).all():
+                raise DesteinError(
+                    f"vector file: the causal ranking of {form} must be finite and {grid} heads"
+                )
         for form, state in self.fits.items():
             for name, t in state.to_tensors().items():
                 if not (t.is_floating_point() and torch.isfinite(t).all()):

@@ -18,6 +18,7 @@ from destein_lens.attribution import (
     StudySettings,
     agreement,
     direct_logit_attribution,
+    gradient_effects,
     held_out,
     leave_one_out,
     load_study,
@@ -87,6 +88,15 @@ def test_word_ids_are_single_tokens(tiny_model) -> None:
         assert all(decoded)
 
 
+def _head_outputs(model, texts: tuple[str, str], layer: int) -> list[torch.Tensor]:
+    """`hook_z` of `layer` for each text alone, unpadded: [pos, n_heads, d_head] each."""
+    out = []
+    for text in texts:
+        _, cache = model.run_with_cache(model.tokenizer(text, return_tensors="pt").input_ids)
+        out.append(cache[f"blocks.{layer}.attn.hook_z"][0])
+    return out
+
+
 def test_steering_and_leave_one_out_are_the_changes_in_gap(tiny_model, vectors, held) -> None:
     base = score(tiny_model, held)
     effects = steering_effects(tiny_model, vectors, held, baseline=base, progress=False)
@@ -113,13 +123,9 @@ def test_patching_matches_a_per_pair_reference(tiny_model, held, split) -> None:
     """Each pair alone, unpadded: the twin's head output copied position by position from the end."""
     result = patching_effects(tiny_model, held, k=K, progress=False)
     layer, head = 1, 3
-    tok = tiny_model.tokenizer
     for i in range(len(split[1])):
         texts = (split[1].toxic[i], split[1].nontoxic[i])
-        z = []
-        for text in texts:
-            _, cache = tiny_model.run_with_cache(tok(text, return_tensors="pt").input_ids)
-            z.append(cache[f"blocks.{layer}.attn.hook_z"][0])
+        z = _head_outputs(tiny_model, texts, layer)
         gaps, masses = [], []
         for side in (0, 1):
             own, twin = z[side], z[1 - side]
@@ -143,6 +149,62 @@ def test_patching_matches_a_per_pair_reference(tiny_model, held, split) -> None:
             denoise, abs=1e-4
         )
         assert result["patching_noise_mass"].values[layer, head, i].item() == pytest.approx(noise, abs=1e-4)
+
+
+@pytest.mark.parametrize("form", ["destein-gated", "released_code"])  # per head and gated; whole layer
+def test_gradient_steering_is_the_exact_studys_first_order_term(tiny_model, vectors, held, form) -> None:
+    """Central differences over the strength remove every even-order term of both sides: what is
+    left of the exact study is its first-order term (plus O(a^3)), which the estimate must equal."""
+    a = 0.05
+
+    def odd(f):
+        return (f(a) - f(-a)) / 2
+
+    exact = odd(
+        lambda s: (
+            steering_effects(tiny_model, vectors, held, alpha=s, form=form, progress=False)["steering"].values
+        )
+    )
+    estimate = odd(
+        lambda s: (
+            gradient_effects(tiny_model, vectors, held, k=K, alpha=s, form=form, progress=False)[
+                "atp_steering"
+            ].values
+        )
+    )
+    assert exact.abs().max() > 1e-4
+    torch.testing.assert_close(estimate, exact, rtol=0.02, atol=0.02 * float(exact.abs().max()))
+
+
+def test_atp_patching_is_the_derivative_along_the_exchange(tiny_model, vectors, held, split) -> None:
+    """Each pair alone, unpadded: d/dt of the gap as head (1, 3) moves a fraction t of the way to
+    its twin's output over the aligned window, by central differences."""
+    result = gradient_effects(tiny_model, vectors, held, k=K, progress=False)
+    layer, head, t = 1, 3, 1e-2
+    for i in range(len(split[1])):
+        texts = (split[1].toxic[i], split[1].nontoxic[i])
+        z = _head_outputs(tiny_model, texts, layer)
+        slopes = []
+        for side in (0, 1):
+            own, twin = z[side], z[1 - side]
+            span = min(K, len(own), len(twin))
+            values = []
+            for step in (t, -t):
+
+                def hook(act, hook, own=own, twin=twin, span=span, step=step):
+                    act = act.clone()
+                    for j in range(span):
+                        p, q = len(own) - 1 - j, len(twin) - 1 - j
+                        act[0, p, head] += step * (twin[q, head] - own[p, head])
+                    return act
+
+                hooks = [(f"blocks.{layer}.attn.hook_z", hook)]
+                values.append(_logprob_reference(tiny_model, texts[side], held.toxic_ids, hooks)[0])
+            slopes.append((values[0] - values[1]) / (2 * t))
+        expected = -slopes[0] + slopes[1]  # the toxic run moves to its twin (down), the other up
+        assert result["atp_patching"].values[layer, head, i].item() == pytest.approx(
+            expected, rel=1e-2, abs=1e-5
+        )
 
 
 def test_dla_matches_finite_differences(tiny_model, vectors, held, split) -> None:
@@ -250,7 +312,15 @@ def test_study_folder_runs_resumes_and_refuses_another(tiny_model, vectors, spli
     results = run_study(
         tiny_model, vectors, split[1], out, settings=settings, prompts=prompts, progress=False
     )
-    assert set(results.effects) >= {"patching", "dla", "steering", "leave_one_out"}
+    assert set(results.effects) >= {
+        "patching",
+        "dla",
+        "atp_patching",
+        "atp_steering",
+        "steering",
+        "leave_one_out",
+    }
+    assert {"atp_patching", "atp_steering"} <= set(results.agreement.rankings)
     assert results.selection is not None and results.agreement is not None
     assert set(results.evaluation) >= {"baseline", "probe-top2", "causal-top2", "random-0-top2"}
     report = (out / "report.md").read_text()
@@ -273,7 +343,7 @@ def test_study_folder_runs_resumes_and_refuses_another(tiny_model, vectors, spli
 
 
 def test_parse_studies() -> None:
-    assert parse_studies("all") == ("patching", "dla", "steering", "selection")
+    assert parse_studies("all") == ("patching", "dla", "gradient", "steering", "leave_one_out", "selection")
     assert parse_studies("selection") == ("steering", "selection")  # selection ranks by steering
     assert parse_studies("dla,patching") == ("patching", "dla")
     with pytest.raises(DesteinError, match="unknown study"):
@@ -322,10 +392,12 @@ def test_real_model_studies(real_model, tmp_path: Path) -> None:
     train = builtin_seed_pairs().head(40)
     held = held_out_pairs(str(PARADETOX) if PARADETOX.is_file() else "builtin", 3, train)
     vectors = build_vectors(real_model, train, progress=False)
+    # The per-head exact studies cost a forward per head (notebook 03 runs exact steering on the
+    # real model); here the studies that cost a few forwards.
     results = run_study(
-        real_model, vectors, held, tmp_path / "s", studies=("patching", "dla"), progress=False
+        real_model, vectors, held, tmp_path / "s", studies=("dla", "gradient"), progress=False
     )
-    for name in ("patching", "patching_denoise_mass", "patching_noise_mass", "dla"):
+    for name in ("atp_patching", "atp_steering", "dla"):
         values = results.effects[name].values
         assert values.shape == (18, 4, 3) and torch.isfinite(values).all() and (values != 0).any()
     assert torch.isfinite(results.agreement.spearman[0, 1:]).all()

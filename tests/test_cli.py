@@ -24,7 +24,7 @@ from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.registry import FORMS
 from destein_lens.runfolder import CONFIG_FILE, gens_path
 from destein_lens.store import load_result, save_result
-from destein_lens.vectors import KIND, build_vectors
+from destein_lens.vectors import KIND, DetoxVectors, build_vectors
 
 Case = Callable[[Path, Path], list[str]]  # (tmp folder, vector file) -> argv
 
@@ -163,6 +163,15 @@ BEFORE_LOAD: dict[str, tuple[Case, str]] = {
     "vector file without the form's fit": (
         lambda t, v: ["evaluate", "--vectors", str(v), "--form", "act", "--out", str(t / "r")],
         "no act fit",
+    ),
+    "vector file without the form's causal ranking": (
+        lambda t, v: ["evaluate", "--vectors", str(v), "--heads", "causal:2", "--out", str(t / "r")],
+        "no causal ranking for destein",
+    ),
+    "causal heads k 0": (lambda t, v: ["run", "--heads", "causal:0", "--out", str(t / "r")], "causal:k"),
+    "causal ranking of a method not on heads": (
+        lambda t, v: ["vectors", "--causal", "actadd", "--out", str(t / "v")],
+        "needs a head-wise method",
     ),
     "strength beyond the form's range": (
         lambda t, v: ["run", "--form", "act", "--alpha", "2", "--out", str(t / "r")],
@@ -354,6 +363,19 @@ def test_run_with_a_comparison_form_fits_it_and_names_the_method_by_it(tiny_mode
     assert (
         metrics["config"]["methods"][1]["alpha"] == FORMS["iti"].default_strength
     )  # the form's own default strength
+
+
+def test_run_with_causal_heads_builds_the_ranking_into_its_vectors(tiny_model_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = [*TINY_RUN[:-2], "--max-prompts", "1", "--model", str(tiny_model_dir), "--heads", "causal:3"]
+    cli.main([*argv, "--out", str(out)])
+    vectors = DetoxVectors.load(out / "vectors.safetensors")
+    ranking = vectors.causal_ranking("destein")
+    assert ranking.scored_on["how"] == "cross-fit" and sum(ranking.scored_on["fold_sizes"]) == vectors.n_pairs
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["methods"][1]["heads"] == "causal:3"
+    assert config["causal_heads"] == {"destein": [f"L{a}.H{b}" for a, b in ranking.ranking()[:3]]}
+    cli.main([*argv, "--out", str(out)])  # a finished run resumes with the ranking it holds
 
 
 def test_dtype_is_part_of_the_run_and_vectors_stay_float32(tiny_model_dir, tmp_path, capsys) -> None:

@@ -10,12 +10,16 @@ import pytest
 from destein_lens import cli
 from destein_lens.compare import (
     CALIBRATION_DIR,
+    CAUSAL_KS,
+    DEFAULT_CAUSAL_K,
+    cell,
+    cell_grid,
     check_calibration,
     choose,
     compare,
+    parse_ks,
     parse_methods,
     parse_strengths,
-    strength_grid,
 )
 from destein_lens.errors import DesteinError
 from destein_lens.evaluation import MethodSpec, eval_config
@@ -23,9 +27,10 @@ from destein_lens.figures import compare_figures
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.prompts import Prompt, builtin_demo_prompts
 from destein_lens.registry import FORMS
+from destein_lens.report import write_report
 from destein_lens.runfolder import gens_path
 from destein_lens.steering import SteeringConfig
-from destein_lens.vectors import build_vectors
+from destein_lens.vectors import DetoxVectors, build_vectors
 from destein_lens.views import pareto_figure, pareto_points
 
 
@@ -51,10 +56,37 @@ def test_methods_and_strengths_are_parsed_and_checked() -> None:
 
 
 def test_grid_is_the_given_the_calibration_grid_or_the_default() -> None:
-    given = strength_grid(["baseline", "destein", "act"], {"destein": (0.2,)}, calibrating=True)
-    assert given == {"destein": (0.2,), "act": FORMS["act"].grid}
-    plain = strength_grid(["destein", "iti"], {}, calibrating=False)
-    assert plain == {"destein": (FORMS["destein"].default_strength,), "iti": (FORMS["iti"].default_strength,)}
+    given = cell_grid(["baseline", "destein", "act"], {"destein": (0.2,)}, calibrating=True)
+    assert given == {"destein": [(0.2, None)], "act": [(s, None) for s in FORMS["act"].grid]}
+    plain = cell_grid(["destein", "iti"], {}, calibrating=False)
+    assert plain == {
+        "destein": [(FORMS["destein"].default_strength, None)],
+        "iti": [(FORMS["iti"].default_strength, None)],
+    }
+
+
+def test_causal_methods_add_a_k_grid() -> None:
+    methods = parse_methods("baseline,destein:causal,iti:causal")
+    ks = parse_ks(["destein:causal=8,16"], methods)
+    grid = cell_grid(methods, {"destein:causal": (0.1, 0.2)}, calibrating=True, ks=ks)
+    assert grid["destein:causal"] == [(0.1, 8), (0.1, 16), (0.2, 8), (0.2, 16)]
+    assert grid["iti:causal"] == [(s, k) for s in FORMS["iti"].grid for k in CAUSAL_KS]
+    assert cell_grid(["destein:causal"], {}, calibrating=False)["destein:causal"] == [
+        (FORMS["destein"].default_strength, DEFAULT_CAUSAL_K)
+    ]
+    spec = cell("destein:causal", 0.1, (18, 4), 8)
+    assert spec.name == "destein:causal8@0.1" and spec.steering.heads == "causal:8"
+    assert spec.steering.form == "destein"
+    for bad, message in [("actadd:causal", "does not act on heads"), ("foo:causal", "unknown method")]:
+        with pytest.raises(DesteinError, match=message):
+            parse_methods(bad)
+    for bad, message in [
+        (["destein=8"], "not a compared"),
+        (["destein:causal=0"], "at least 1"),
+        (["destein:causal=x"], "whole"),
+    ]:
+        with pytest.raises(DesteinError, match=message):
+            parse_ks(bad, ["destein", "destein:causal"])
 
 
 def _metrics(**cells: tuple[float, float, float]) -> dict:
@@ -122,6 +154,14 @@ def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(tiny_model, t
     assert sorted(evaluated) == sorted(["baseline", *(c["cell"] for c in chosen.values())])
     for name in evaluated:
         assert metrics[name]["n_prompts"] == 3 and len(metrics[name]["expected_max_toxicity_ci"]) == 2
+        assert len(metrics[name]["perplexity_ci"]) == 2
+    pairs = metrics["compare"]["paired"]
+    assert set(pairs) == {f"{a} vs {b}" for a in evaluated[1:] for b in evaluated if a != b}
+    for entry in pairs.values():
+        emt = entry["emt_diff"]
+        assert emt[1] <= emt[0] <= emt[2] and isinstance(entry["dominates"], bool)
+    write_report(tmp_path / "c")
+    assert "Paired differences" in (tmp_path / "c" / "report.md").read_text()
     # Resume: drop the last prompt of one cell; the rerun redoes exactly it, byte for byte.
     path = gens_path(tmp_path / "c", chosen["iti"]["cell"])
     before = path.read_bytes()
@@ -157,6 +197,13 @@ def test_pareto_points_and_figure() -> None:
     assert points["iti"][1]["ppl_ratio"] == pytest.approx(1.2)
     fig = pareto_figure(metrics, chosen=["iti@2"], budget=1.2)
     assert len(fig.data) == 4 and fig.data[2].marker.symbol[1] == "star"
+    tuned = _metrics(
+        baseline=(0.6, 0.5, 9.0), **{f"iti@{s}": (0.5 - s / 10, 0.3, 9.0 + s) for s in (1, 2, 4)}
+    )
+    fig = pareto_figure(metrics, chosen=["iti@2"], curves=tuned)
+    curve = [t for t in fig.data if t.name == "iti (calibration)"]
+    assert len(curve) == 2 and list(curve[0].x) == pytest.approx([10 / 9, 11 / 9, 13 / 9])
+    assert curve[0].line.dash == "dot" and curve[0].line.color == fig.data[-1].line.color
     with pytest.raises(DesteinError, match="baseline"):
         pareto_points({"iti@1": metrics["iti@1"]})
 
@@ -179,6 +226,11 @@ BAD = {
     "malformed strengths": (lambda t: ["--strengths", "destein:0.1"], "method=s1"),
     "strength out of range": (lambda t: ["--strengths", "act=3"], "within"),
     "budget without calibration": (lambda t: ["--ppl-budget", "1.2"], "needs --calibration-prompts"),
+    "more causal heads than the model has": (
+        lambda t: ["--methods", "baseline,destein:causal", "--ks", "destein:causal=8,99"],
+        "between 1 and 72",
+    ),
+    "causal variant of a method not on heads": (lambda t: ["--methods", "act:causal"], "does not act on heads"),
     "empty calibration set": (
         lambda t: ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "empty.txt", "\n")],
         "no prompts",
@@ -211,3 +263,31 @@ def test_figures_draws_a_compare_folder_and_refuses_a_run_folder(tmp_path, capsy
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(_metrics(baseline=(0.5, 0.5, 10.0))))
     _refused(["figures", "--compare", str(run), "--out", str(tmp_path / "f")], capsys, "not a compare folder")
+
+
+def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path) -> None:
+    """`<method>:causal` through the command: the folder's vectors get the causal ranking, the
+    calibration tries every (strength, k), one cell per method is evaluated."""
+    prompts = _file(tmp_path, "p.txt", "The weather today is\nYou are\n")
+    calibration = _file(tmp_path, "c.txt", "My neighbour\nThe city council\n")
+    argv = ["compare", "--model", str(tiny_model_dir), "--k", "4", "--methods", "baseline,destein:causal"]
+    argv += ["--strengths", "destein:causal=0.1", "--ks", "destein:causal=2,4", "--prompts", prompts]
+    argv += [
+        "--ppl-budget",
+        "1.5",
+        "--calibration-prompts",
+        calibration,
+        "--samples",
+        "1",
+        "--dtype",
+        "float32",
+    ]
+    cli.main([*argv, "--out", str(tmp_path / "c")])
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    tuned = json.loads((tmp_path / "c" / CALIBRATION_DIR / "metrics.json").read_text())
+    assert {"destein:causal2@0.1", "destein:causal4@0.1"} <= set(tuned)
+    chosen = metrics["compare"]["chosen"]["destein:causal"]["cell"]
+    assert chosen in tuned and metrics["compare"]["cells"][chosen]["heads"] in ("causal:2", "causal:4")
+    assert metrics["compare"]["ks"] == {"destein:causal": [2, 4]}
+    vectors = DetoxVectors.load(tmp_path / "c" / "vectors.safetensors")
+    assert vectors.causal_ranking("destein").scored_on["how"] == "cross-fit"

@@ -141,7 +141,7 @@ def test_attribution_heads_shared_between_ranks(tiny_model_dir, tmp_path) -> Non
     assert one.returncode == 0, one.stderr[-3000:]
     two = _finish(_launch(2, *args, "--out", str(tmp_path / "two"), driver=driver))
     assert two.returncode == 0, two.stderr[-3000:]
-    for name in ("patching", "steering", "leave_one_out", "selection"):
+    for name in ("patching", "steering", "selection"):
         a, b = (load_file(tmp_path / d / f"{name}.safetensors") for d in ("one", "two"))
         for key in a:
             assert a[key].allclose(b[key], rtol=1e-4, atol=1e-5), (name, key)
@@ -149,11 +149,11 @@ def test_attribution_heads_shared_between_ranks(tiny_model_dir, tmp_path) -> Non
     assert (tmp_path / "two" / "report.md").read_text() == (tmp_path / "one" / "report.md").read_text()
 
 
+# One case per way a launch is refused (`generate`, `pairs induce` and `figures` take the path of
+# `vectors`; `attribute --study foo` that of `compare --methods foo`): each launch costs ~15 s.
 LAUNCH_REFUSALS = {
     "vectors": (["vectors", "--out", "v.safetensors"], "does not run data-parallel"),
-    "generate": (["generate", "hi"], "does not run data-parallel"),
     "compare --methods foo": (["compare", "--methods", "foo"], "unknown method 'foo'"),
-    "attribute --study foo": (["attribute", "--study", "foo"], "unknown study"),
     "an unknown option": (["run", "--no-such-option"], "unrecognized arguments"),
     "a prompt beyond the context, after the load": (["run", "--k", "4", "--prompts", "LONG"], "context"),
 }
@@ -186,13 +186,22 @@ def test_a_refused_launch_prints_one_error_line(case, tiny_model_dir, tmp_path) 
 
 
 def test_compare_with_calibration_on_two_ranks(tiny_model_dir, tmp_path) -> None:
-    """Calibration, the choice made from its metrics and the chosen cells: the same on 2 ranks as on 1."""
+    """Calibration, the choice made from its metrics and the chosen cells: the same on 2 ranks as on 1,
+    hook methods and a decoding-time method (self-detoxify's per-step processor) alike."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     prompts, calibration = tmp_path / "prompts.txt", tmp_path / "calibration.txt"
     prompts.write_text("The weather today is\nHe said that\nYou are\n")
     calibration.write_text("My neighbour\nThe city council\n")
-    args = ["compare", "--model", str(tiny_model_dir), "--k", "4", "--methods", "baseline,destein,actadd"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--k",
+        "4",
+        "--methods",
+        "baseline,destein,actadd,self-detoxify",
+    ]
     args += ["--prompts", str(prompts), "--calibration-prompts", str(calibration), "--ppl-budget", "1.5"]
     args += ["--samples", "2", "--batch-size", "2", "--dtype", "float32"]
     one = subprocess.run(

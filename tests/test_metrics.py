@@ -9,6 +9,8 @@ from destein_lens.metrics import (
     distinct_n,
     expected_max_toxicity,
     mean_perplexity,
+    paired,
+    perplexity_interval,
     summarise,
     toxicity_probability,
 )
@@ -77,6 +79,7 @@ def test_summarise_reports_every_metric_with_exact_keys():
         "toxicity_probability",
         "toxicity_probability_ci",
         "perplexity",
+        "perplexity_ci",
         "dist_1",
         "dist_2",
         "dist_3",
@@ -137,3 +140,41 @@ def test_bootstrap_interval_agrees_with_a_plain_numpy_bootstrap():
     assert low < values.mean() < high
     assert bootstrap_interval([0.0, 0.0, 0.0]) == (0.0, 0.0)  # no spread, nothing to resample
     assert bootstrap_interval(values.tolist()) == (low, high)  # reproducible
+
+
+PPL = [[10.0, 12.0, 11.0], [20.0, 1e5, 18.0], [9.0, 8.0, float("nan")]]
+
+
+def test_perplexity_interval_resamples_prompts_around_the_mean() -> None:
+    low, high = perplexity_interval(PPL)
+    assert low <= mean_perplexity([p for row in PPL for p in row]) <= high
+    assert low >= 8.0 and high <= 20.0  # only kept values, whole prompts
+    assert perplexity_interval([[5.0, 5.0], [5.0]]) == (5.0, 5.0)
+    assert all(math.isnan(v) for v in perplexity_interval([[1e5], [math.nan]]))
+
+
+def test_paired_difference_of_a_cell_with_itself_is_exactly_none() -> None:
+    same = paired(SCORES, PPL, SCORES, PPL)
+    assert same.emt == (0.0, 0.0, 0.0) and same.tp == (0.0, 0.0, 0.0)
+    assert same.ppl_ratio == pytest.approx((1.0, 1.0, 1.0))
+    assert not same.dominates
+
+
+def test_paired_points_are_the_differences_of_the_summaries() -> None:
+    better = [[s * 0.5 for s in row] for row in SCORES]
+    fluent = [[p * 0.8 for p in row] for row in PPL]
+    result = paired(better, fluent, SCORES, PPL)
+    assert result.emt[0] == pytest.approx(expected_max_toxicity(better)[0] - expected_max_toxicity(SCORES)[0])
+    assert result.tp[0] == pytest.approx(toxicity_probability(better) - toxicity_probability(SCORES))
+    flat = [p for row in PPL for p in row]
+    assert result.ppl_ratio[0] == pytest.approx(
+        mean_perplexity([p * 0.8 for p in flat]) / mean_perplexity(flat)
+    )
+    # Every prompt is less toxic and more fluent: every resample says so, so a dominates b.
+    assert result.emt[2] < 0 and result.ppl_ratio[2] < 1 and result.dominates
+    assert not paired(SCORES, PPL, better, fluent).dominates
+
+
+def test_paired_cells_must_share_their_prompts() -> None:
+    with pytest.raises(DesteinError, match="share their prompts"):
+        paired(SCORES, PPL, SCORES[:2], PPL[:2])

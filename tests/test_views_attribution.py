@@ -69,10 +69,18 @@ def test_effect_grid_shows_mean_with_interval_in_hover() -> None:
     assert effects.meaning in fig.layout.title.subtitle.text
 
 
-def test_effect_grid_refuses_results_without_pairs() -> None:
-    empty = HeadEffects("steering", torch.zeros(N_LAYERS, N_HEADS, 0), "nats/token", "")
+def test_effects_without_pairs_are_refused_where_they_are_made() -> None:
     with pytest.raises(DesteinError, match="n_pairs"):
-        views.effect_grid(empty)
+        HeadEffects("steering", torch.zeros(N_LAYERS, N_HEADS, 0), "nats/token", "")
+    with pytest.raises(DesteinError, match="n_pairs"):
+        HeadEffects("steering", torch.zeros(N_LAYERS, N_HEADS), "nats/token", "")
+
+
+def test_an_interval_is_bootstrapped_once() -> None:
+    effects = _effects()
+    assert effects.interval() is effects.interval()
+    curves = _curves()
+    assert curves.interval() is curves.interval()
 
 
 def test_top_heads_figure_is_a_forest_per_study() -> None:
@@ -133,18 +141,15 @@ def test_dla_tokens_figure_rejects_bad_input() -> None:
         views.dla_tokens_figure(dla, [])
     with pytest.raises(DesteinError, match="outside"):
         views.dla_tokens_figure(dla, [(N_LAYERS, 0)])
-    bad = DirectLogits(
-        dla.effects, dla.top_ids, dla.top_logits[..., :2], dla.top_tokens, dla.direction_effect
-    )
+    # A result with inconsistent shapes is refused where it is made (or loaded), not in a view.
     with pytest.raises(DesteinError, match="top_ids"):
-        views.dla_tokens_figure(bad, [(0, 0)])
-    bad = DirectLogits(dla.effects, dla.top_ids, dla.top_logits, dla.top_tokens, torch.zeros(2, 2))
+        DirectLogits(dla.effects, dla.top_ids, dla.top_logits[..., :2], dla.top_tokens, dla.direction_effect)
     with pytest.raises(DesteinError, match="direction_effect"):
-        views.dla_tokens_figure(bad, [(0, 0)])
+        DirectLogits(dla.effects, dla.top_ids, dla.top_logits, dla.top_tokens, torch.zeros(2, 2))
     tokens = dla.top_tokens
     tokens[0][0][1] = tokens[0][0][1][:1]
     with pytest.raises(DesteinError, match="top_tokens"):
-        views.dla_tokens_figure(_dla(tokens), [(0, 0)])
+        _dla(tokens)
 
 
 def test_selection_figure_lines_bands_and_random_reference() -> None:
@@ -213,12 +218,12 @@ def test_selection_figure_rejects_unusable_evaluation(evaluation: dict, message:
         views.selection_figure(_curves(), evaluation)
 
 
-def test_selection_figure_rejects_mismatched_curves() -> None:
+def test_mismatched_selection_curves_are_refused_where_made() -> None:
     c = _curves()
     with pytest.raises(DesteinError, match="rankers"):
-        views.selection_figure(SelectionCurves(c.rankers[:2], c.ks, c.effect, c.orders, c.alpha))
+        SelectionCurves(c.rankers[:2], c.ks, c.effect, c.orders, c.alpha)
     with pytest.raises(DesteinError, match="increasing"):
-        views.selection_figure(SelectionCurves(c.rankers, (1, 4, 2, 6), c.effect, c.orders, c.alpha))
+        SelectionCurves(c.rankers, (1, 4, 2, 6), c.effect, c.orders, c.alpha)
 
 
 def test_agreement_figure_annotates_intervals_and_nan() -> None:
@@ -242,13 +247,12 @@ def test_agreement_figure_annotates_intervals_and_nan() -> None:
     assert fig.layout.yaxis.autorange == "reversed"
 
 
-def test_agreement_figure_rejects_mismatched_matrices() -> None:
+def test_mismatched_agreement_is_refused_where_made() -> None:
     m = torch.eye(2)
-    bad = Agreement(("a", "b", "c"), 2, m, m, m, m, m, m)
     with pytest.raises(DesteinError, match=r"\[3, 3\]"):
-        views.agreement_figure(bad)
-    with pytest.raises(DesteinError, match="no rankings"):
-        views.agreement_figure(Agreement((), 2, m, m, m, m, m, m))
+        Agreement(("a", "b", "c"), 2, m, m, m, m, m, m)
+    with pytest.raises(DesteinError, match="at least one ranking"):
+        Agreement((), 2, m, m, m, m, m, m)
 
 
 def test_depth_figure_puts_models_on_relative_depth() -> None:

@@ -34,6 +34,15 @@ class Agreement:
     overlap_low: torch.Tensor
     overlap_high: torch.Tensor
 
+    def __post_init__(self) -> None:
+        n = len(self.rankings)
+        if n < 1:
+            raise DesteinError("an agreement needs at least one ranking")
+        for name in ("spearman", "spearman_low", "spearman_high", "overlap", "overlap_low", "overlap_high"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (n, n):
+                raise DesteinError(f"{name} must be [{n}, {n}] for {n} rankings, got {list(shape)}")
+
     def save(self, path: Path) -> None:
         names = ("spearman", "spearman_low", "spearman_high", "overlap", "overlap_low", "overlap_high")
         tensors = {n: getattr(self, n) for n in names}

@@ -24,6 +24,7 @@ from torch.func import jvp
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..activations import hook_name
+from ..errors import DesteinError
 from ..store import load_result, save_result
 from ..vectors import DetoxVectors
 from .effects import HeadEffects
@@ -43,6 +44,27 @@ class DirectLogits:
     # [n_layers, n_heads]: toxic - neutral mean logit the direction (toxic - non-toxic) writes, per
     # unit of the detox move: positive, like every effect here, means it promotes toxic words
     direction_effect: torch.Tensor
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.top_logits.shape)
+        if len(shape) != 4 or shape[2] != 2 or tuple(self.top_ids.shape) != shape:
+            raise DesteinError(
+                f"top_logits and top_ids must both be [n_layers, n_heads, 2, n_top], got {shape} "
+                f"and {tuple(self.top_ids.shape)}"
+            )
+        if tuple(self.direction_effect.shape) != shape[:2] or self.effects.shape != shape[:2]:
+            raise DesteinError(
+                f"top_logits covers {shape[:2]} heads, direction_effect "
+                f"{tuple(self.direction_effect.shape)}, the effects {self.effects.shape}"
+            )
+        n_layers, n_heads, _, n_top = shape
+        rows = self.top_tokens
+        if len(rows) != n_layers or any(len(row) != n_heads for row in rows):
+            raise DesteinError(f"top_tokens must be [{n_layers}][{n_heads}] lists")
+        for layer, row in enumerate(rows):
+            for head, sides in enumerate(row):
+                if len(sides) != 2 or any(len(side) != n_top for side in sides):
+                    raise DesteinError(f"top_tokens of L{layer}H{head} must be 2 lists of {n_top} strings")
 
     def save(self, path: Path) -> None:
         self.effects.save(path)

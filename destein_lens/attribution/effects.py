@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,14 @@ class HeadEffects:
     values: torch.Tensor  # [n_layers, n_heads, n_pairs], float32; positive: the head adds toxicity
     unit: str  # "nats/token", "logit", ...
     meaning: str  # one line: what a value is
+    _intervals: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 3 or self.values.shape[-1] < 1:
+            raise DesteinError(
+                f"{self.study} effects must be [n_layers, n_heads, n_pairs] with n_pairs >= 1, "
+                f"got {tuple(self.values.shape)}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,13 +59,16 @@ class HeadEffects:
         return self.values.mean(-1)
 
     def interval(self, confidence: float = CONFIDENCE) -> tuple[torch.Tensor, torch.Tensor]:
-        """Percentile bootstrap interval of the mean over pairs, per head (TransformerLens's own)."""
-        return bootstrap_ci(
-            self.values,
-            confidence=confidence,
-            n_resamples=N_RESAMPLES,
-            generator=derive_generator(0, self.study),
-        )
+        """Percentile bootstrap interval of the mean over pairs, per head (TransformerLens's own);
+        computed once per confidence, however many views and reports ask."""
+        if confidence not in self._intervals:
+            self._intervals[confidence] = bootstrap_ci(
+                self.values,
+                confidence=confidence,
+                n_resamples=N_RESAMPLES,
+                generator=derive_generator(0, self.study),
+            )
+        return self._intervals[confidence]
 
     def ranking(self) -> list[tuple[int, int]]:
         """Heads by mean effect, largest first (ties: index)."""

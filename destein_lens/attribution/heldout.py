@@ -144,11 +144,12 @@ def end_activations(
     return {name: cache[name].float().cpu()[rows, at] for name in names}
 
 
-@torch.no_grad()
 def score_side(
     model: TransformerBridge, side: Side, toxic_ids: torch.Tensor, hooks: Hooks = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of one side under `hooks`: (mean token log-prob [b], toxic log-mass [b]).
+    """One forward of one side under `hooks`: (mean token log-prob [b], toxic log-mass [b]), on the
+    model's device; differentiable (the gradient studies take its backward), so callers that only
+    score run it under `torch.no_grad()`.
 
     Half the cost of a forward is the unembedding and the vocabulary-wide logsumexp. Both are done
     on the real tokens only, from the final norm's output (`ln_final.hook_out`), and the logsumexp
@@ -177,7 +178,7 @@ def score_side(
     words = toxic_ids.to(device)
     toxic = _softcap(model, (h[ends] @ model.W_U[:, words] + model.b_U[words]).float())  # [b, n_words]
     toxic_logmass = torch.logsumexp(toxic, dim=-1) - norm[ends]
-    return mean_logprob.cpu(), toxic_logmass.cpu()
+    return mean_logprob, toxic_logmass
 
 
 def _token_logits(model: TransformerBridge, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -211,6 +212,7 @@ def _softcap(model: TransformerBridge, logits: torch.Tensor) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
 
+@torch.no_grad()
 def score(
     model: TransformerBridge,
     held: HeldOut,
@@ -231,6 +233,6 @@ def score(
                 continue
             batch_hooks = hooks(batch, name) if callable(hooks) else hooks
             lp, lm = score_side(model, batch.side(name), held.toxic_ids, batch_hooks)
-            logprob[s, batch.index] = lp
-            logmass[s, batch.index] = lm
+            logprob[s, batch.index] = lp.cpu()
+            logmass[s, batch.index] = lm.cpu()
     return Scores(logprob, logmass)

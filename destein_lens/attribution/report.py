@@ -28,7 +28,7 @@ def study_report(results: StudyResults) -> str:
     """Markdown: settings, effects, agreement, selection, layers."""
     cfg = results.config
     model = cfg["model"]
-    settings = cfg["settings"]
+    settings = results.settings
     n_layers, n_heads = model["n_layers"], model["n_heads"]
     lines = [
         "# Head attribution study",
@@ -37,8 +37,8 @@ def study_report(results: StudyResults) -> str:
         f"d_head {model['d_head']})",
         f"- vectors: {cfg['vectors']['n_pairs']} pairs, last k = {cfg['vectors']['k']} positions",
         f"- held-out pairs: {cfg['held_out']['n']} from {cfg['held_out']['source']}",
-        f"- steering strength alpha = {settings['alpha']:g}; 95% percentile bootstrap intervals over "
-        "held-out pairs",
+        f"- steering with {settings.form} at strength alpha = {settings.alpha:g}; 95% percentile "
+        "bootstrap intervals over held-out pairs",
         "",
         "Positive effects mean the head pushes towards toxicity (steering or removing it detoxifies).",
         "",
@@ -98,12 +98,13 @@ def _selection_lines(results: StudyResults) -> list[str]:
     for r, name in enumerate(s.rankers):
         cells = [_ci(float(mean[r, i]), float(low[r, i]), float(high[r, i])) for i in range(len(ks))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "causal" in s.rankers and "probe" in s.rankers:
-        diff = s.effect[s.rankers.index("causal")] - s.effect[s.rankers.index("probe")]
-        d = HeadEffects("causal_minus_probe", diff[None], "nats/token", "")
-        dm, (dl, dh) = d.mean()[0], d.interval()
-        cells = [_ci(float(dm[i]), float(dl[0, i]), float(dh[0, i])) for i in range(len(ks))]
-        lines += ["| **causal - probe** (paired) | " + " | ".join(cells) + " |"]
+    for one, other in (("causal", "probe"), ("gradient", "probe"), ("gradient", "causal")):
+        if one in s.rankers and other in s.rankers:
+            diff = s.effect[s.rankers.index(one)] - s.effect[s.rankers.index(other)]
+            d = HeadEffects(f"{one}_minus_{other}", diff[None], "nats/token", "")
+            dm, (dl, dh) = d.mean()[0], d.interval()
+            cells = [_ci(float(dm[i]), float(dl[0, i]), float(dh[0, i])) for i in range(len(ks))]
+            lines += [f"| **{one} - {other}** (paired) | " + " | ".join(cells) + " |"]
     lines.append("")
     if results.evaluation:
         lines += [

@@ -6,10 +6,11 @@ ranker orders the heads, and for every k the top k are steered together (DeStein
     effect(ranker, k) = gap(unsteered) - gap(top-k steered),   per selection pair
 
 Rankers: "probe" (`DetoxVectors.ranking()`, from the vectors' own pairs), "causal" (the single-head
-steering effect) and "random-<seed>" (several seeds). The causal ranking is cross-fitted: the
-held-out pairs are cut into folds, and each fold's curve steers the heads ranked on the *other*
-folds' pairs, never on its own (choosing and scoring on the same pairs would flatter it). Every
-pair thus enters the curve once, scored out of sample.
+steering effect), "gradient" (its first-order estimate, when the folder holds the gradient study:
+what `heads="causal:k"` steers by) and "random-<seed>" (several seeds). The causal rankings are
+cross-fitted: the held-out pairs are cut into folds, and each fold's curve steers the heads
+ranked on the *other* folds' pairs, never on its own (choosing and scoring on the same pairs
+would flatter it). Every pair thus enters the curve once, scored out of sample.
 `selection_evaluation` adds EMT, TP and perplexity for a few k with the evaluation harness.
 """
 
@@ -19,6 +20,7 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,25 @@ class SelectionCurves:
     orders: list[dict[str, Order]]  # per fold, each ranker's head order
     alpha: float
 
+    def __post_init__(self) -> None:
+        shape, n_rankers, n_ks = tuple(self.effect.shape), len(self.rankers), len(self.ks)
+        if len(shape) != 3 or shape[:2] != (n_rankers, n_ks) or shape[2] < 1:
+            raise DesteinError(
+                f"selection effect must be [{n_rankers} rankers, {n_ks} k, n_pairs], got {shape}"
+            )
+        if not self.ks or self.ks[0] < 1 or any(b <= a for a, b in zip(self.ks, self.ks[1:])):
+            raise DesteinError(f"selection ks must be increasing positive counts, got {self.ks}")
+
+    @cached_property
+    def _effects(self) -> HeadEffects:
+        """The effect as a per-pair result, so its interval is the one bootstrap, computed once."""
+        return HeadEffects("selection", self.effect, "nats/token", "")
+
     def mean(self) -> torch.Tensor:
         return self.effect.mean(-1)
 
     def interval(self, confidence: float = CONFIDENCE) -> tuple[torch.Tensor, torch.Tensor]:
-        return HeadEffects("selection", self.effect, "nats/token", "").interval(confidence)
+        return self._effects.interval(confidence)
 
     def save(self, path: Path) -> None:
         meta = {
@@ -82,11 +98,17 @@ class SelectionCurves:
 
 
 def rankings(
-    vectors: DetoxVectors, causal: torch.Tensor, seeds: Sequence[int] = RANDOM_SEEDS
+    vectors: DetoxVectors,
+    causal: torch.Tensor,
+    seeds: Sequence[int] = RANDOM_SEEDS,
+    gradient: torch.Tensor | None = None,
 ) -> dict[str, Order]:
-    """Head orders: probe accuracy, `causal` [n_layers, n_heads] (largest first), and random ones."""
+    """Head orders: probe accuracy, `causal` [n_layers, n_heads] (largest first), `gradient` (the
+    first-order estimate of the same, where given) and random ones."""
     n_layers, n_heads = vectors.shape
     orders = {"probe": vectors.ranking(), "causal": rank_heads(causal)}
+    if gradient is not None:
+        orders["gradient"] = rank_heads(gradient)
     for seed in seeds:
         perm = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(seed))
         orders[f"random-{seed}"] = [divmod(int(i), n_heads) for i in perm]
@@ -114,14 +136,17 @@ def crossfit_orders(
     steering: HeadEffects,
     fold_sizes: Sequence[int],
     seeds: Sequence[int] = RANDOM_SEEDS,
+    gradient: HeadEffects | None = None,
 ) -> list[dict[str, Order]]:
-    """Per fold, the orders its curve uses: "causal" ranked on the other folds' pairs only."""
+    """Per fold, the orders its curve uses: "causal" (and "gradient", the first-order estimate,
+    where given) ranked on the other folds' pairs only."""
     starts = [sum(fold_sizes[:i]) for i in range(len(fold_sizes))]
     out = []
     for start, size in zip(starts, fold_sizes):
         others = torch.ones(steering.n_pairs, dtype=torch.bool)
         others[start : start + size] = False
-        out.append(rankings(vectors, steering.values[..., others].mean(-1), seeds))
+        rest = None if gradient is None else gradient.values[..., others].mean(-1)
+        out.append(rankings(vectors, steering.values[..., others].mean(-1), seeds, rest))
     return out
 
 

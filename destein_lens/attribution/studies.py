@@ -22,6 +22,7 @@ from ..prompts import Prompt
 from ..vectors import DetoxVectors
 from .dla import direct_logit_attribution
 from .effects import Checkpoint, HeadEffects
+from .gradient import gradient_effects
 from .heldout import HeldOut, held_out
 from .patching import patching_effects
 from .selection import crossfit_orders, fold_pairs, selection_curves
@@ -102,18 +103,40 @@ def _dla(ctx: StudyContext) -> dict[str, Savable]:
     return {"dla": direct_logit_attribution(ctx.model, ctx.vectors, ctx.held, k=ctx.vectors.k)}
 
 
+def _gradient(ctx: StudyContext) -> dict[str, Savable]:
+    return gradient_effects(
+        ctx.model,
+        ctx.vectors,
+        ctx.held,
+        k=ctx.vectors.k,
+        alpha=ctx.settings.alpha,
+        form=ctx.settings.form,
+        progress=ctx.progress,
+    )
+
+
 def _steering(ctx: StudyContext) -> dict[str, Savable]:
     opts = {"alpha": ctx.settings.alpha, "form": ctx.settings.form, "progress": ctx.progress}
-    alone = steering_effects(ctx.model, ctx.vectors, ctx.held, checkpoint=ctx.checkpoint("steering"), **opts)
-    rest = leave_one_out(ctx.model, ctx.vectors, ctx.held, checkpoint=ctx.checkpoint("leave_one_out"), **opts)
-    return alone | rest
+    return steering_effects(ctx.model, ctx.vectors, ctx.held, checkpoint=ctx.checkpoint("steering"), **opts)
+
+
+def _leave_one_out(ctx: StudyContext) -> dict[str, Savable]:
+    opts = {"alpha": ctx.settings.alpha, "form": ctx.settings.form, "progress": ctx.progress}
+    return leave_one_out(ctx.model, ctx.vectors, ctx.held, checkpoint=ctx.checkpoint("leave_one_out"), **opts)
+
+
+def saved_effects(out: Path, name: str) -> HeadEffects | None:
+    """A per-pair result of the folder, if it was saved."""
+    return HeadEffects.load(out / name) if (out / f"{name}.safetensors").exists() else None
 
 
 def _selection(ctx: StudyContext) -> dict[str, Savable]:
     """The cross-fitted curves over folds of the held-out pairs (ranked by the steering study)."""
     steering = HeadEffects.load(ctx.out / "steering")
+    gradient = saved_effects(ctx.out, "atp_steering")
     folds = fold_pairs(ctx.held_pairs)
-    orders = crossfit_orders(ctx.vectors, steering, [len(f) for f in folds], ctx.settings.random_seeds)
+    sizes = [len(f) for f in folds]
+    orders = crossfit_orders(ctx.vectors, steering, sizes, ctx.settings.random_seeds, gradient)
     curves = selection_curves(
         ctx.model,
         ctx.vectors,
@@ -138,11 +161,15 @@ register_study(
 )
 register_study(Study("dla", ("dla",), _dla, ranked=("dla",)))
 register_study(
+    Study("gradient", ("atp_patching", "atp_steering"), _gradient, ranked=("atp_patching", "atp_steering"))
+)
+register_study(
     Study(
         "steering",
-        ("steering", "steering_mass", "leave_one_out"),
+        ("steering", "steering_mass"),
         _steering,
-        ranked=("steering", "leave_one_out"),
+        ranked=("steering",),
     )
 )
+register_study(Study("leave_one_out", ("leave_one_out",), _leave_one_out, ranked=("leave_one_out",)))
 register_study(Study("selection", ("selection",), _selection, per_pair=False, needs=("steering",)))

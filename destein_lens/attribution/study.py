@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from .. import distributed, runfolder
+from ..config_io import from_dict, to_dict
 from ..errors import DesteinError
 from ..evaluation import EvalConfig
 from ..files import write_atomic
@@ -46,7 +47,7 @@ from .selection import (
     rankings,
     selection_evaluation,
 )
-from .studies import STUDIES, Study, StudyContext, parse_studies, ranked_results
+from .studies import STUDIES, Study, StudyContext, parse_studies, ranked_results, saved_effects
 
 AGREEMENT_K = 8
 VECTORS = "vectors"
@@ -89,6 +90,11 @@ class StudyResults:
     evaluation: dict[str, Any] | None
     agreement: Agreement | None
     probe_accuracy: torch.Tensor
+
+    @property
+    def settings(self) -> StudySettings:
+        """The folder's knobs as the object that ran them."""
+        return from_dict(StudySettings, self.config["settings"], what="study settings")
 
 
 def held_out_pairs(spec: str | Path, n: int, vector_pairs: SteeringPairs) -> SteeringPairs:
@@ -142,7 +148,7 @@ def run_study(
         "vectors": {"pairs_sha256": vectors.pairs_sha256, "n_pairs": vectors.n_pairs, "k": vectors.k},
         "held_out": {"sha256": held_pairs.sha256(), "source": held_pairs.source, "n": len(held_pairs)},
         "prompts": [p.id for p in prompts],
-        "settings": asdict(settings),
+        "settings": to_dict(settings),
     }
     with runfolder.hold(out_dir) as out:
         runfolder.claim(out, config)
@@ -196,7 +202,10 @@ def _selection_evaluation(
             )
         )
         # the generation prompts are not the held-out pairs: here causal ranks on all of them
-        orders = rankings(vectors, steering.mean(), settings.random_seeds)
+        gradient = saved_effects(out, "atp_steering")
+        orders = rankings(
+            vectors, steering.mean(), settings.random_seeds, gradient.mean() if gradient else None
+        )
         eval_orders = {name: orders[name] for name in settings.eval_rankers if name in orders}
         n_cells = vectors.shape[0] * vectors.shape[1]
         selection_evaluation(

@@ -47,11 +47,7 @@ def _rgba(color: str, alpha: float) -> str:
 
 
 def _summary(effects: HeadEffects, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, CI low and CI high per head, [L, H] each; refuses results a bootstrap cannot use."""
-    if effects.values.ndim != 3 or effects.n_pairs < 1:
-        raise DesteinError(
-            f"{name} must hold [n_layers, n_heads, n_pairs] values, got {tuple(effects.values.shape)}"
-        )
+    """Mean, CI low and CI high per head, [L, H] each."""
     low, high = effects.interval()
     return as_array(effects.mean(), name, 2), as_array(low, name, 2), as_array(high, name, 2)
 
@@ -173,15 +169,6 @@ def dla_tokens_figure(dla: DirectLogits, heads: Sequence[tuple[int, int]]) -> go
     ids = dla.top_ids.detach().cpu()
     logits = dla.top_logits.detach().float().cpu()
     direction = as_array(dla.direction_effect, "direction_effect", 2)
-    if logits.ndim != 4 or logits.shape[2] != 2 or tuple(ids.shape) != tuple(logits.shape):
-        raise DesteinError(
-            f"top_logits and top_ids must both be [n_layers, n_heads, 2, n_top], got {tuple(logits.shape)} "
-            f"and {tuple(ids.shape)}"
-        )
-    if tuple(logits.shape[:2]) != direction.shape:
-        raise DesteinError(
-            f"top_logits covers {tuple(logits.shape[:2])} heads, direction_effect {direction.shape}"
-        )
     n_layers, n_heads, _, n_top = logits.shape
     cells = [(int(layer), int(head)) for layer, head in heads]
     for layer, head in cells:
@@ -203,8 +190,6 @@ def dla_tokens_figure(dla: DirectLogits, heads: Sequence[tuple[int, int]]) -> go
     sides = (("promoted", COLORS["steered"]), ("suppressed", "#7f7f7f"))
     for row, (layer, head) in enumerate(cells, start=1):
         tokens = dla.top_tokens[layer][head]
-        if len(tokens) != 2 or any(len(side) != n_top for side in tokens):
-            raise DesteinError(f"top_tokens of {_head(layer, head)} must be 2 lists of {n_top} strings")
         values = logits[layer, head].flatten().tolist()
         token_ids = ids[layer, head].flatten().tolist()
         labels = _token_labels([t for side in tokens for t in side], token_ids)
@@ -246,14 +231,6 @@ def dla_tokens_figure(dla: DirectLogits, heads: Sequence[tuple[int, int]]) -> go
     )
 
 
-def _check_curves(curves: SelectionCurves) -> None:
-    shape, n_rankers, n_ks = tuple(curves.effect.shape), len(curves.rankers), len(curves.ks)
-    if len(shape) != 3 or shape[:2] != (n_rankers, n_ks) or shape[2] < 1:
-        raise DesteinError(f"selection effect must be [{n_rankers} rankers, {n_ks} k, n_pairs], got {shape}")
-    if not curves.ks or curves.ks[0] < 1 or any(b <= a for a, b in zip(curves.ks, curves.ks[1:])):
-        raise DesteinError(f"selection ks must be increasing positive counts, got {curves.ks}")
-
-
 def _is_random(ranker: str) -> bool:
     return ranker.startswith("random")
 
@@ -290,7 +267,6 @@ def selection_figure(curves: SelectionCurves, evaluation: Mapping[str, Any] | No
     With `evaluation` (`selection_evaluation`'s metrics) a second panel shows what the same
     head sets do to generated text: expected max toxicity against k, the baseline as a line.
     """
-    _check_curves(curves)
     ks = np.array(curves.ks, dtype=float)
     mean = as_array(curves.mean(), "selection mean", 2)
     low, high = (as_array(t, "selection interval", 2) for t in curves.interval())
@@ -435,8 +411,6 @@ def agreement_figure(agreement: Agreement) -> go.Figure:
     """Spearman ρ and top-k overlap between every two rankings, each cell with its 95% interval."""
     names = list(agreement.rankings)
     n = len(names)
-    if n < 1:
-        raise DesteinError("no rankings to compare")
     panels = [
         ("Spearman ρ", "spearman", (-1.0, 1.0), "RdBu_r"),
         (f"top-{agreement.k} overlap", "overlap", (0.0, 1.0), "Viridis"),
@@ -446,9 +420,6 @@ def agreement_figure(agreement: Agreement) -> go.Figure:
         point, low, high = (
             as_array(getattr(agreement, f), f, 2) for f in (field, f"{field}_low", f"{field}_high")
         )
-        for arr, f in ((point, field), (low, f"{field}_low"), (high, f"{field}_high")):
-            if arr.shape != (n, n):
-                raise DesteinError(f"{f} must be [{n}, {n}] for {n} rankings, got {arr.shape}")
         axis = fig.layout[f"xaxis{col if col > 1 else ''}"]
         fig.add_trace(
             go.Heatmap(

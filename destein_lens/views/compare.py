@@ -49,13 +49,46 @@ def pareto_figure(
     chosen: Collection[str] = (),
     budget: float | None = None,
     title: str = "Detoxification against fluency cost",
+    curves: Mapping[str, Any] | None = None,
 ) -> go.Figure:
-    """EMT and TP against perplexity / unsteered perplexity, each method a line over its strengths."""
+    """EMT and TP against perplexity / unsteered perplexity, each method a line over its strengths.
+
+    `curves` (a calibration's metrics) adds each method's whole curve over the strengths it
+    tried, dotted and in the method's colour, under the evaluated points: where on its curve the
+    chosen point sits. The curves are on the calibration prompts, the points on the evaluation
+    prompts (each relative to the unsteered model on its own prompts).
+    """
     points = pareto_points(metrics)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[label for _, label in PANELS], horizontal_spacing=0.1)
     palette = qualitative.D3
-    for i, (method, cells) in enumerate(points.items()):
-        color = "#555555" if method == "baseline" else palette[i % len(palette)]
+    colors = {
+        method: "#555555" if method == "baseline" else palette[i % len(palette)]
+        for i, method in enumerate(points)
+    }
+    for method, cells in (pareto_points(curves) if curves is not None else {}).items():
+        if method == "baseline":  # at (1, its own EMT): no curve
+            continue
+        color = colors.get(method) or palette[len(colors) % len(palette)]
+        colors.setdefault(method, color)
+        for col, (key, _) in enumerate(PANELS, start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["ppl_ratio"] for p in cells],
+                    y=[p[key] for p in cells],
+                    mode="markers+lines",
+                    marker={"color": color, "size": 5, "symbol": "circle-open"},
+                    line={"color": color, "width": 1, "dash": "dot"},
+                    name=f"{method} (calibration)",
+                    legendgroup=method,
+                    showlegend=col == 1,
+                    text=[p["cell"] for p in cells],
+                    hovertemplate="%{text} (calibration prompts)<br>PPL x%{x:.2f}<br>%{y:.3f}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    for method, cells in points.items():
+        color = colors[method]
         for col, (key, label) in enumerate(PANELS, start=1):
             values = [p[key] for p in cells]
             fig.add_trace(
@@ -91,7 +124,9 @@ def pareto_figure(
     for col, (_, label) in enumerate(PANELS, start=1):
         fig.update_xaxes(title_text="perplexity / unsteered perplexity", row=1, col=col)
         fig.update_yaxes(title_text=label, rangemode="tozero", row=1, col=col)
-    subtitle = "bars: bootstrap 95% intervals over prompts" + (
-        "; stars: calibrated strengths" if chosen else ""
+    subtitle = (
+        "bars: bootstrap 95% intervals over prompts"
+        + ("; stars: calibrated strengths" if chosen else "")
+        + ("; dotted: each method's calibration curve" if curves is not None else "")
     )
     return finish(fig, title, subtitle)
