@@ -177,18 +177,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from . import compare as comparing
     from . import lifecycle, runfolder
-    from .compare import (
-        CALIBRATION_DIR,
-        cell_grid,
-        check_calibration,
-        check_cells,
-        compare,
-        parse_ks,
-        parse_methods,
-        parse_strengths,
-        vector_needs,
-    )
     from .distributed import is_main
     from .evaluation import BASELINE, eval_config
     from .figures import compare_figures
@@ -196,18 +186,22 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from .report import text_table, write_report
     from .scoring import get_scorer
 
-    methods = parse_methods(args.methods)
-    strengths = parse_strengths(args.strengths, methods)
-    ks = parse_ks(args.ks, methods)
-    fits, causal = vector_needs(methods)
-    for cells in cell_grid(methods, strengths, args.ppl_budget is not None, ks).values():
-        for k in {k for _, k in cells if k is not None}:
-            lifecycle.check_heads_early(args.model, f"causal:{k}")
+    methods = comparing.parse_methods(args.methods)
+    strengths = comparing.parse_strengths(args.strengths, methods)
+    ks = comparing.parse_ks(args.ks, methods)
+    fits, causal = comparing.vector_needs(methods)
+    for heads in comparing.causal_heads(
+        comparing.cell_grid(methods, strengths, args.ppl_budget is not None, ks)
+    ):
+        lifecycle.check_heads_early(args.model, heads)
     config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
+    tuned_config = comparing.calibration_config(
+        config, _count(args.calibration_samples, "--calibration-samples")
+    )
     prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")
     limit = _count(args.max_calibration_prompts, "--max-calibration-prompts")
     calibration = None if args.calibration_prompts is None else _prompts(args.calibration_prompts, limit, "")
-    check_calibration(prompts, calibration, args.ppl_budget)
+    comparing.check_calibration(prompts, calibration, args.ppl_budget, args.calibration_samples)
     scorer = get_scorer(args.scorer)
     vectors = _vector_spec(args)
     check_out_dir(args.out)
@@ -216,10 +210,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         runfolder.check_same_run(
             out, lifecycle.known_identity(config, prompts, spec, **vectors.provenance()), partial=True
         )
-        check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None, ks=ks)
+        comparing.check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None, ks=ks)
         if calibration is not None:
-            tuned = lifecycle.known_identity(config, calibration, spec, **vectors.provenance())
-            runfolder.check_same_run(out / CALIBRATION_DIR, tuned, partial=True)
+            tuned = lifecycle.known_identity(tuned_config, calibration, spec, **vectors.provenance())
+            runfolder.check_same_run(out / comparing.CALIBRATION_DIR, tuned, partial=True)
         lifecycle.check_vector_file(out)
 
         def checks(model) -> None:
@@ -228,7 +222,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                     lifecycle.prepare(model, [BASELINE], checked, config)
 
         model, built = lifecycle.model_and_vectors(spec, out, vectors, fits, checks, causal)
-        metrics = compare(
+        metrics = comparing.compare(
             model,
             built,
             prompts,
@@ -239,6 +233,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             ks=ks,
             ppl_budget=args.ppl_budget,
             calibration=calibration,
+            calibration_samples=args.calibration_samples,
             scorer=scorer,
             provenance=vectors.provenance(),
         )

@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-budget", type=float, default=None, help="calibrate: the perplexity ratio allowed")
     p.add_argument("--calibration-prompts", default=None, help="prompts to calibrate on (never --prompts)")
     p.add_argument("--max-calibration-prompts", type=int, default=None)
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help="samples per calibration prompt (default: --samples)",
+    )
     p.set_defaults(command_name="compare", generates=True)
 
     p = sub.add_parser(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,17 @@ def cell_grid(
     return grid
 
 
+def causal_heads(grid: Grid) -> set[str]:
+    """Every "causal:k" head selection the grid's cells steer (checked against the model's shape)."""
+    return {f"causal:{k}" for cells in grid.values() for _, k in cells if k is not None}
+
+
+def calibration_config(config: EvalConfig, samples: int | None) -> EvalConfig:
+    """The evaluation protocol with `samples` per calibration prompt (None: the same as `config`):
+    more samples make the chosen cell steadier than the evaluation needs."""
+    return config if samples is None else replace(config, sampling=replace(config.sampling, n=samples))
+
+
 def cell_name(method: str, strength: float, k: int | None = None) -> str:
     """ "destein@0.05", or with a causal k "destein:causal16@0.05"."""
     return f"{method}{'' if k is None else k}@{strength:g}"
@@ -237,12 +249,16 @@ def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) 
 
 
 def check_calibration(
-    prompts: Sequence[Prompt], calibration: Sequence[Prompt] | None, budget: float | None
+    prompts: Sequence[Prompt],
+    calibration: Sequence[Prompt] | None,
+    budget: float | None,
+    samples: int | None = None,
 ) -> None:
     """A budget needs calibration prompts, none of which may be an evaluation prompt."""
     if budget is None:
-        if calibration is not None:
-            raise DesteinError("--calibration-prompts is used only with --ppl-budget")
+        for given, flag in ((calibration, "--calibration-prompts"), (samples, "--calibration-samples")):
+            if given is not None:
+                raise DesteinError(f"{flag} is used only with --ppl-budget")
         return
     if not budget > 1.0:
         raise DesteinError(f"--ppl-budget is a perplexity ratio above 1 (e.g. 1.2), got {budget:g}")
@@ -272,6 +288,7 @@ def compare(
     ks: dict[str, tuple[int, ...]] | None = None,
     ppl_budget: float | None = None,
     calibration: Sequence[Prompt] | None = None,
+    calibration_samples: int | None = None,
     scorer: Scorer | None = None,
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
@@ -288,7 +305,10 @@ def compare(
         chosen: dict[str, Any] = {}
         if ppl_budget is not None:
             every = [c for group in cells.values() for c in group]
-            tuned = evaluate(model, calibration, [BASELINE, *every], out / CALIBRATION_DIR, config, **opts)
+            tuned_config = calibration_config(config, calibration_samples)
+            tuned = evaluate(
+                model, calibration, [BASELINE, *every], out / CALIBRATION_DIR, tuned_config, **opts
+            )
             for name, group in cells.items():
                 best, within = choose(tuned, group, ppl_budget)
                 chosen[name] = {"cell": best.name, "strength": best.steering.alpha, "within_budget": within}
@@ -311,6 +331,9 @@ def compare(
             "ppl_budget": ppl_budget,
             "chosen": chosen,
             "calibration_prompts": len(calibration) if calibration is not None else None,
+            "calibration_samples": calibration_samples or config.sampling.n
+            if calibration is not None
+            else None,
             "paired": paired_table(
                 out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold
             ),

@@ -226,11 +226,29 @@ BAD = {
     "malformed strengths": (lambda t: ["--strengths", "destein:0.1"], "method=s1"),
     "strength out of range": (lambda t: ["--strengths", "act=3"], "within"),
     "budget without calibration": (lambda t: ["--ppl-budget", "1.2"], "needs --calibration-prompts"),
+    "calibration samples without a budget": (
+        lambda t: ["--calibration-samples", "4"],
+        "--calibration-samples is used only with --ppl-budget",
+    ),
+    "calibration samples 0": (
+        lambda t: [
+            "--ppl-budget",
+            "1.2",
+            "--calibration-prompts",
+            _file(t, "c.txt", "x y\n"),
+            "--calibration-samples",
+            "0",
+        ],
+        "--calibration-samples",
+    ),
     "more causal heads than the model has": (
         lambda t: ["--methods", "baseline,destein:causal", "--ks", "destein:causal=8,99"],
         "between 1 and 72",
     ),
-    "causal variant of a method not on heads": (lambda t: ["--methods", "act:causal"], "does not act on heads"),
+    "causal variant of a method not on heads": (
+        lambda t: ["--methods", "act:causal"],
+        "does not act on heads",
+    ),
     "empty calibration set": (
         lambda t: ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "empty.txt", "\n")],
         "no prompts",
@@ -272,16 +290,8 @@ def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path) -> No
     calibration = _file(tmp_path, "c.txt", "My neighbour\nThe city council\n")
     argv = ["compare", "--model", str(tiny_model_dir), "--k", "4", "--methods", "baseline,destein:causal"]
     argv += ["--strengths", "destein:causal=0.1", "--ks", "destein:causal=2,4", "--prompts", prompts]
-    argv += [
-        "--ppl-budget",
-        "1.5",
-        "--calibration-prompts",
-        calibration,
-        "--samples",
-        "1",
-        "--dtype",
-        "float32",
-    ]
+    argv += ["--ppl-budget", "1.5", "--calibration-prompts", calibration, "--calibration-samples", "2"]
+    argv += ["--samples", "1", "--dtype", "float32"]
     cli.main([*argv, "--out", str(tmp_path / "c")])
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
     tuned = json.loads((tmp_path / "c" / CALIBRATION_DIR / "metrics.json").read_text())
@@ -289,5 +299,7 @@ def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path) -> No
     chosen = metrics["compare"]["chosen"]["destein:causal"]["cell"]
     assert chosen in tuned and metrics["compare"]["cells"][chosen]["heads"] in ("causal:2", "causal:4")
     assert metrics["compare"]["ks"] == {"destein:causal": [2, 4]}
+    assert tuned["baseline"]["samples"] == 4 and metrics["baseline"]["samples"] == 2  # 2 prompts each
+    assert metrics["compare"]["calibration_samples"] == 2
     vectors = DetoxVectors.load(tmp_path / "c" / "vectors.safetensors")
     assert vectors.causal_ranking("destein").scored_on["how"] == "cross-fit"

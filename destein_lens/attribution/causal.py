@@ -70,7 +70,7 @@ def causal_rankings(
     else:  # each fold scored with vectors from the other folds
         folds = fold_pairs(pairs, n_folds)
         scorings = [
-            (_rebuilt(model, vectors, _without(pairs, folds, i), forms, batch_size), fold)
+            (_rebuilt(model, vectors, _without(pairs, folds, i), forms, batch_size, progress), fold)
             for i, fold in enumerate(folds)
         ]
         scored_on = {
@@ -110,6 +110,7 @@ def _rebuilt(
     pairs: SteeringPairs,
     forms: Sequence[str],
     batch_size: int,
+    progress: bool,
 ) -> DetoxVectors:
     """Vectors from `pairs` with `vectors`' own settings (and the fits `forms` steer with)."""
     return build_vectors(
@@ -123,5 +124,5 @@ def _rebuilt(
         train_frac=vectors.extra.get("train_frac", 0.8),
         batch_size=batch_size,
         fit_forms=[f for f in forms if get_form(f).fit is not None],
-        progress=False,
+        progress=progress,
     )
