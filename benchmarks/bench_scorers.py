@@ -4,10 +4,11 @@ Every unique text of ../shared/data/rtp/*.jsonl that carries a Perspective toxic
 continuations where a row has them) is scored by profanity-check, bilstm-jigsaw and the two ways
 of combining them, the max (the registered `ensemble`) and the mean. Per scorer: Spearman and
 Pearson correlation with Perspective's toxicity, ROC AUC for Perspective >= 0.5, and agreement of
-the decision at 0.5 (accuracy, Cohen's kappa), each with a paired bootstrap 95% interval (the same
-resampled texts for every scorer), plus the paired difference max - mean that chose the ensemble's
-rule. Prints a markdown table, then the point values as one JSON line; writes everything (with the
-intervals) as JSON to --out.
+the decision at 0.5 (accuracy, precision, recall, F1, Cohen's kappa), each with a paired bootstrap
+95% interval (the same resampled texts for every scorer), plus the paired difference max - mean
+that chose the ensemble's rule; how many Perspective-toxic texts one scorer misses that the other
+catches; scoring speed in texts/s. Prints a markdown table, then the point values as one JSON
+line; writes everything (with the intervals) as JSON to --out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.metrics import cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from destein_lens.files import check_out_file, write_atomic
 from destein_lens.readers import iter_jsonl
@@ -51,6 +52,9 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "pearson": _pearson,
     "roc_auc": lambda s, p: float(roc_auc_score(p >= THRESHOLD, s)),
     "accuracy": lambda s, p: float(np.mean((s >= THRESHOLD) == (p >= THRESHOLD))),
+    "precision": lambda s, p: float(precision_score(p >= THRESHOLD, s >= THRESHOLD, zero_division=0)),
+    "recall": lambda s, p: float(recall_score(p >= THRESHOLD, s >= THRESHOLD, zero_division=0)),
+    "f1": lambda s, p: float(f1_score(p >= THRESHOLD, s >= THRESHOLD, zero_division=0)),
     "kappa": lambda s, p: float(cohen_kappa_score(s >= THRESHOLD, p >= THRESHOLD)),
 }
 
@@ -114,8 +118,20 @@ def main() -> None:
     assert np.allclose(columns["ensemble (max)"], both.max(axis=0)), "the ensemble is not the max"
     results = with_intervals(columns, perspective, args.bootstrap, args.seed)
     positives = int((perspective >= THRESHOLD).sum())
+    toxic = perspective >= THRESHOLD
+    caught = {name: columns[name] >= THRESHOLD for name in ("profanity-check", "bilstm-jigsaw")}
+    misses = {
+        "profanity-check misses, bilstm-jigsaw catches": int(
+            (toxic & ~caught["profanity-check"] & caught["bilstm-jigsaw"]).sum()
+        ),
+        "bilstm-jigsaw misses, profanity-check catches": int(
+            (toxic & caught["profanity-check"] & ~caught["bilstm-jigsaw"]).sum()
+        ),
+        "both miss": int((toxic & ~caught["profanity-check"] & ~caught["bilstm-jigsaw"]).sum()),
+    }
     print(f"{len(texts)} texts, {positives} with Perspective >= {THRESHOLD}; {args.bootstrap} resamples")
-    print(f"scoring seconds: {', '.join(f'{k} {v:.1f}' for k, v in seconds.items())}")
+    print(f"scoring speed: {', '.join(f'{k} {len(texts) / v:.0f} texts/s' for k, v in seconds.items())}")
+    print(f"of the {positives} Perspective-toxic texts: " + "; ".join(f"{k} {v}" for k, v in misses.items()))
     print(markdown(results))
     report = {
         "texts": len(texts),
@@ -124,6 +140,8 @@ def main() -> None:
         "bootstrap": args.bootstrap,
         "seed": args.seed,
         "scoring_seconds": seconds,
+        "texts_per_second": {k: len(texts) / v for k, v in seconds.items()},
+        "misses": misses,
         "results": results,
     }
     write_atomic(out, json.dumps(report, indent=1))

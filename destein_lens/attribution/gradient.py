@@ -29,6 +29,7 @@ metric, as in the exact studies; both carry nats per token and the exact studies
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -108,13 +109,15 @@ def _attribute(
     return patching, steering
 
 
+@dataclass(frozen=True, eq=False)
 class _Side:
     """One side's activations and gradients of its mean log-prob, float32 on the CPU."""
 
-    def __init__(self, z: torch.Tensor, gz: torch.Tensor, site: list, gsite: list, lengths: torch.Tensor):
-        self.z, self.gz = z, gz  # [b, p, n_layers, n_heads, d_head]: hook_z and its gradient
-        self.site, self.gsite = site, gsite  # per layer, the vectors' site activation and gradient
-        self.lengths = lengths
+    z: torch.Tensor  # [b, p, n_layers, n_heads, d_head]: hook_z
+    gz: torch.Tensor  # and its gradient
+    site: list[torch.Tensor]  # per layer, the vectors' site activation
+    gsite: list[torch.Tensor]  # and its gradient
+    lengths: torch.Tensor  # [b]
 
 
 def _side_gradients(
