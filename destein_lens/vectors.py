@@ -45,7 +45,8 @@ class CausalRanking:
     """Heads ranked by what steering each one alone does to pairs the directions were not built on.
 
     `values` [n_layers, n_heads, n_pairs] is the first-order effect gap(unsteered) - gap(head
-    steered alone) of `form` at `alpha` (nats/token; positive detoxifies) on each scoring pair,
+    steered alone) of `form` at `alpha` (nats/token; positive detoxifies; the exact effect for a
+    shortlist where `scored_on["confirmed_top"]` says so) on each scoring pair,
     every pair scored out of sample: either cross-fitted over folds of the vectors' own pairs
     (each fold scored with directions built on the other folds) or on separate held-out pairs.
     `scored_on` says which, from which pairs (source, sha256, n, fold sizes).

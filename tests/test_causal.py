@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from destein_lens import DesteinError
-from destein_lens.attribution import causal_rankings, held_out
+from destein_lens.attribution import causal_rankings, held_out, steering_effects
 from destein_lens.attribution.gradient import first_order_steering
 from destein_lens.attribution.selection import fold_pairs
 from destein_lens.pairs import SteeringPairs, builtin_seed_pairs
@@ -81,6 +81,23 @@ def test_held_out_scoring_and_its_refusals(tiny_model, pairs, ranked) -> None:
         causal_rankings(tiny_model, ranked, extra, progress=False)
     with pytest.raises(DesteinError, match="head-wise"):
         causal_rankings(tiny_model, ranked, pairs, forms=("actadd",), progress=False)
+
+
+def test_confirm_rescores_the_shortlist_exactly(tiny_model, pairs, ranked) -> None:
+    held = builtin_seed_pairs().head(20)
+    extra = SteeringPairs(held.toxic[12:], held.nontoxic[12:], "builtin tail")
+    plain = causal_rankings(tiny_model, ranked, pairs, held=extra, progress=False).causal["destein"]
+    confirmed = causal_rankings(tiny_model, ranked, pairs, held=extra, confirm=2, progress=False).causal[
+        "destein"
+    ]
+    exact = steering_effects(tiny_model, ranked, held_out(tiny_model, extra), alpha=0.1, progress=False)
+    shortlist = plain.ranking()[:2]
+    for layer, head in shortlist:
+        torch.testing.assert_close(confirmed.values[layer, head], exact["steering"].values[layer, head])
+    rest = [(a, b) for a in range(2) for b in range(4) if (a, b) not in shortlist]
+    for layer, head in rest:
+        assert torch.equal(confirmed.values[layer, head], plain.values[layer, head])
+    assert confirmed.scored_on["confirmed_top"] == 2
 
 
 def test_causal_head_selections_are_validated() -> None:

@@ -30,9 +30,11 @@ from ..errors import DesteinError
 from ..pairs import SteeringPairs
 from ..registry import DEFAULT_STRENGTH, get_form
 from ..vectors import CausalRanking, DetoxVectors, build_vectors
+from .effects import rank_heads
 from .gradient import first_order_steering
-from .heldout import held_out
+from .heldout import HeldOut, held_out, score
 from .selection import fold_pairs
+from .steered import steered_scores
 
 N_FOLDS = 2
 
@@ -46,13 +48,17 @@ def causal_rankings(
     held: SteeringPairs | None = None,
     n_folds: int = N_FOLDS,
     alpha: float = DEFAULT_STRENGTH,
+    confirm: int = 0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> DetoxVectors:
     """`vectors` with a `CausalRanking` for each head-wise form in `forms` (module docstring).
 
     `pairs` are the pairs `vectors` were built from (checked by digest); the model should be the
-    float32 load the vectors were built with.
+    float32 load the vectors were built with. `confirm` > 0 re-scores each scoring's top `confirm`
+    heads with the exact single-head steering effect (one forward per head and side): where the
+    first order is off at the top (SmolLM2's layer 0), the shortlist is ranked by what steering
+    does, the rest by the estimate.
     """
     for form in forms:
         if not get_form(form).head_wise:
@@ -80,20 +86,37 @@ def causal_rankings(
             "n": len(pairs),
             "fold_sizes": [len(f) for f in folds],
         }
-    parts = [
-        first_order_steering(
-            model,
-            scoring,
-            held_out(model, scored, batch_size=batch_size),
-            forms,
-            alpha=alpha,
-            progress=progress,
-        )
-        for scoring, scored in scorings
-    ]
+    parts = []
+    for scoring, scored in scorings:
+        held_scored = held_out(model, scored, batch_size=batch_size)
+        part = first_order_steering(model, scoring, held_scored, forms, alpha=alpha, progress=progress)
+        if confirm:
+            part = {
+                form: _confirmed(model, scoring, held_scored, v, form, alpha, confirm)
+                for form, v in part.items()
+            }
+        parts.append(part)
     values = {form: torch.cat([part[form] for part in parts], dim=-1) for form in forms}
+    scored_on |= {"confirmed_top": confirm} if confirm else {}
     made = {form: CausalRanking(form, alpha, values[form], scored_on) for form in forms}
     return replace(vectors, causal={**vectors.causal, **made})
+
+
+def _confirmed(
+    model: TransformerBridge,
+    vectors: DetoxVectors,
+    held: HeldOut,
+    values: torch.Tensor,
+    form: str,
+    alpha: float,
+    top: int,
+) -> torch.Tensor:
+    """`values` with the top `top` heads by mean replaced by their exact single-head effect."""
+    out = values.clone()
+    base = score(model, held).gap
+    for layer, head in rank_heads(values.mean(-1))[:top]:
+        out[layer, head] = base - steered_scores(model, vectors, held, [(layer, head)], alpha, form).gap
+    return out
 
 
 def _without(pairs: SteeringPairs, folds: list[SteeringPairs], i: int) -> SteeringPairs:
