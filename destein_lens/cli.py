@@ -73,10 +73,11 @@ def _vector_spec(args: argparse.Namespace):  # -> lifecycle.VectorSpec, checked
 
 def _cmd_vectors(args: argparse.Namespace) -> None:
     from . import lifecycle
+    from .attribution.causal import check_forms
     from .files import check_out_file
 
     spec = _vector_spec(args)
-    causal = lifecycle.check_causal_forms([f.strip() for f in args.causal.split(",") if f.strip()])
+    causal = check_forms([f.strip() for f in args.causal.split(",") if f.strip()])
     check_out_file(args.out)
     model = _model(args).load()
     vectors = lifecycle.build_all(model, spec, lifecycle.fits_for(causal), causal)

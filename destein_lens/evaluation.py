@@ -45,7 +45,7 @@ from .prompts import Prompt, split_by_toxicity
 from .registry import get_form
 from .runfolder import METRICS_FILE, gens_path
 from .scoring import Scorer, get_scorer
-from .steering import CAUSAL, NO_STEERING, SteeringConfig, head_mask, selected_heads, steer
+from .steering import NO_STEERING, SteeringConfig, head_mask, is_causal, selected_heads, steer
 from .vectors import DetoxVectors
 
 
@@ -146,7 +146,7 @@ def run_config(
             f"L{layer}.H{head}" for layer, head in selected_heads(vectors, m.steering.heads, m.steering.form)
         ]
         for m in methods
-        if vectors is not None and isinstance(m.steering.heads, str) and m.steering.heads.startswith(CAUSAL)
+        if vectors is not None and is_causal(m.steering.heads)
     }
     return {
         "eval": config.to_dict(),

@@ -27,7 +27,7 @@ from .models import DEFAULT_MODEL, check_device, check_model_name, model_shape, 
 from .pairs import SteeringPairs
 from .prompts import Prompt
 from .registry import get_form
-from .steering import CAUSAL, Heads, check_heads
+from .steering import Heads, check_heads, is_causal
 from .vectors import DetoxVectors, build_vectors
 
 VECTORS_FILE = "vectors.safetensors"
@@ -124,18 +124,7 @@ def fits_for(methods: Sequence[str]) -> list[str]:
 def causal_for(methods: Sequence[MethodSpec]) -> list[str]:
     """The forms whose heads `methods` select by causal effect ("causal:k"): their vectors need the
     form's causal ranking."""
-    chosen = [m.steering for m in methods if isinstance(m.steering.heads, str)]
-    return list(dict.fromkeys(s.form for s in chosen if s.heads.startswith(CAUSAL)))
-
-
-def check_causal_forms(forms: Sequence[str]) -> list[str]:
-    """Forms a causal ranking can be built for (head-wise ones), checked without the model."""
-    for form in forms:
-        if not get_form(form).head_wise:
-            raise DesteinError(
-                f"{form} does not act on heads: a causal head ranking needs a head-wise method"
-            )
-    return list(forms)
+    return list(dict.fromkeys(m.steering.form for m in methods if is_causal(m.steering.heads)))
 
 
 def build_all(

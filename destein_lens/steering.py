@@ -136,6 +136,11 @@ def check_heads(heads: Heads, n_layers: int, n_heads: int) -> None:
             )
 
 
+def is_causal(heads: Heads) -> bool:
+    """Whether `heads` selects by the causal ranking ("causal:k")."""
+    return isinstance(heads, str) and heads.startswith(CAUSAL)
+
+
 def top_k(heads: Heads) -> int | None:
     """k of a top-k selection (by probe or causal), else None."""
     heads = _normalise_heads(heads)

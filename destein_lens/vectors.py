@@ -40,6 +40,13 @@ FORMAT_VERSION = 1
 KIND = "vector"
 
 
+def rank_heads(score: torch.Tensor) -> list[tuple[int, int]]:
+    """(layer, head) by `score` [n_layers, n_heads], largest first (ties: index)."""
+    n_heads = score.shape[1]
+    flat = score.flatten().tolist()
+    return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
+
+
 @dataclass(frozen=True, eq=False)
 class CausalRanking:
     """Heads ranked by what steering each one alone does to pairs the directions were not built on.
@@ -70,9 +77,7 @@ class CausalRanking:
 
     def ranking(self) -> list[tuple[int, int]]:
         """Heads by mean effect, most detoxifying first (ties: index)."""
-        n_heads = self.values.shape[1]
-        flat = self.scores().flatten().tolist()
-        return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
+        return rank_heads(self.scores())
 
     def fold_overlap(self, k: int) -> float | None:
         """How much the choice of scoring pairs moves the top k: the overlap |A & B| / k of the

@@ -29,8 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from ..errors import DesteinError
 from ..pairs import SteeringPairs
 from ..registry import DEFAULT_STRENGTH, get_form
-from ..vectors import CausalRanking, DetoxVectors, build_vectors
-from .effects import rank_heads
+from ..vectors import CausalRanking, DetoxVectors, build_vectors, rank_heads
 from .gradient import first_order_steering
 from .heldout import HeldOut, held_out, score
 from .selection import fold_pairs
@@ -60,11 +59,7 @@ def causal_rankings(
     first order is off at the top (SmolLM2's layer 0), the shortlist is ranked by what steering
     does, the rest by the estimate.
     """
-    for form in forms:
-        if not get_form(form).head_wise:
-            raise DesteinError(
-                f"{form} does not act on heads: a causal head ranking needs a head-wise method"
-            )
+    check_forms(forms)
     if pairs.sha256() != vectors.pairs_sha256:
         raise DesteinError("these are not the pairs the vectors were built from")
     if held is not None:
@@ -91,8 +86,9 @@ def causal_rankings(
         held_scored = held_out(model, scored, batch_size=batch_size)
         part = first_order_steering(model, scoring, held_scored, forms, alpha=alpha, progress=progress)
         if confirm:
+            base = score(model, held_scored).gap  # once per scoring, whatever the forms
             part = {
-                form: _confirmed(model, scoring, held_scored, v, form, alpha, confirm)
+                form: _confirmed(model, scoring, held_scored, base, v, form, alpha, confirm)
                 for form, v in part.items()
             }
         parts.append(part)
@@ -102,18 +98,29 @@ def causal_rankings(
     return replace(vectors, causal={**vectors.causal, **made})
 
 
+def check_forms(forms: Sequence[str]) -> list[str]:
+    """Forms a causal ranking can be built for (head-wise ones), checked without the model."""
+    for form in forms:
+        if not get_form(form).head_wise:
+            raise DesteinError(
+                f"{form} does not act on heads: a causal head ranking needs a head-wise method"
+            )
+    return list(forms)
+
+
 def _confirmed(
     model: TransformerBridge,
     vectors: DetoxVectors,
     held: HeldOut,
+    base: torch.Tensor,
     values: torch.Tensor,
     form: str,
     alpha: float,
     top: int,
 ) -> torch.Tensor:
-    """`values` with the top `top` heads by mean replaced by their exact single-head effect."""
+    """`values` with the top `top` heads by mean replaced by their exact single-head effect
+    (`base`: the unsteered gap)."""
     out = values.clone()
-    base = score(model, held).gap
     for layer, head in rank_heads(values.mean(-1))[:top]:
         out[layer, head] = base - steered_scores(model, vectors, held, [(layer, head)], alpha, form).gap
     return out

@@ -24,6 +24,7 @@ from .. import distributed
 from ..errors import DesteinError
 from ..files import write_atomic
 from ..store import load_result, save_result
+from ..vectors import rank_heads
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -83,13 +84,6 @@ class HeadEffects:
     def load(cls, path: Path) -> HeadEffects:
         meta, tensors = load_result(path, "effects")
         return cls(values=tensors["values"], **meta)
-
-
-def rank_heads(score: torch.Tensor) -> list[tuple[int, int]]:
-    """(layer, head) by `score` [n_layers, n_heads], largest first (ties: index)."""
-    n_heads = score.shape[1]
-    flat = score.flatten().tolist()
-    return [divmod(i, n_heads) for i in sorted(range(len(flat)), key=lambda i: (-flat[i], i))]
 
 
 class Checkpoint:
