@@ -117,10 +117,11 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from .files import check_out_dir
     from .lifecycle import check_heads_early
     from .registry import get_form
-    from .scoring import get_scorer
+    from .scoring import get_scorers
     from .steering import SteeringConfig, parse_heads
 
-    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
+    scorers = get_scorers(args.scorer)
+    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=scorers[0].name)
     alpha = get_form(args.form).default_strength if args.alpha is None else args.alpha
     steering = SteeringConfig(
         alpha=alpha, heads=parse_heads(args.heads), positions=args.positions, form=args.form
@@ -132,7 +133,8 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
         "prompts": _prompts(args.prompts, args.max_prompts, "--max-prompts"),
         "methods": [BASELINE, MethodSpec(args.form, steering)],
         "config": config,
-        "scorer": get_scorer(args.scorer),
+        "scorer": scorers[0],
+        "extra_scorers": scorers[1:],
     }
 
 
@@ -185,7 +187,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from .figures import compare_figures
     from .files import check_out_dir
     from .report import text_table, write_report
-    from .scoring import get_scorer
+    from .scoring import get_scorers
 
     methods = comparing.parse_methods(args.methods)
     strengths = comparing.parse_strengths(args.strengths, methods)
@@ -195,15 +197,14 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         comparing.cell_grid(methods, strengths, args.ppl_budget is not None, ks)
     ):
         lifecycle.check_heads_early(args.model, heads)
-    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer)
-    tuned_config = comparing.calibration_config(
-        config, _count(args.calibration_samples, "--calibration-samples")
-    )
+    scorers = get_scorers(args.scorer)
+    config = eval_config(args.samples, seed=args.seed, batch_size=args.batch_size, scorer=scorers[0].name)
+    samples = _count(args.calibration_samples, "--calibration-samples")
+    seeds = comparing.parse_seeds(args.calibration_seeds)
     prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")
     limit = _count(args.max_calibration_prompts, "--max-calibration-prompts")
     calibration = None if args.calibration_prompts is None else _prompts(args.calibration_prompts, limit, "")
-    comparing.check_calibration(prompts, calibration, args.ppl_budget, args.calibration_samples)
-    scorer = get_scorer(args.scorer)
+    comparing.check_calibration(prompts, calibration, args.ppl_budget, samples, seeds)
     vectors = _vector_spec(args)
     check_out_dir(args.out)
     spec = _model(args)
@@ -212,9 +213,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             out, lifecycle.known_identity(config, prompts, spec, **vectors.provenance()), partial=True
         )
         comparing.check_cells(out, methods, strengths, calibrating=args.ppl_budget is not None, ks=ks)
-        if calibration is not None:
-            tuned = lifecycle.known_identity(tuned_config, calibration, spec, **vectors.provenance())
-            runfolder.check_same_run(out / comparing.CALIBRATION_DIR, tuned, partial=True)
+        for folder, tuned in comparing.calibration_runs(out, config, samples, seeds) if calibration else []:
+            known = lifecycle.known_identity(tuned, calibration, spec, **vectors.provenance())
+            runfolder.check_same_run(folder, known, partial=True)
         lifecycle.check_vector_file(out)
 
         def checks(model) -> None:
@@ -234,8 +235,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             ks=ks,
             ppl_budget=args.ppl_budget,
             calibration=calibration,
-            calibration_samples=args.calibration_samples,
-            scorer=scorer,
+            calibration_samples=samples,
+            calibration_seeds=seeds,
+            scorer=scorers[0],
+            extra_scorers=scorers[1:],
             provenance=vectors.provenance(),
         )
         if not is_main():
@@ -243,9 +246,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         write_report(out)
         compare_figures(out)
     print(text_table(metrics))
-    for name, choice in metrics["compare"]["chosen"].items():
-        flag = "" if choice["within_budget"] else f" (no strength within {args.ppl_budget:g}x; the weakest)"
-        print(f"calibrated {name}: strength {choice['strength']:g}{flag}")
+    print(*comparing.chosen_lines(metrics), sep="\n")
     print(f"compare folder: {args.out} (metrics.json, report.md, pareto.html, prompted_gens_*.jsonl)")
 
 

@@ -61,7 +61,12 @@ def _add_sampling_options(p: argparse.ArgumentParser, out: str, what: str) -> No
         "--prompts", default=None, help="RTP JSONL, JSONL/txt list, hf:<id> (default: built-in demo)"
     )
     p.add_argument("--max-prompts", type=int, default=None)
-    p.add_argument("--scorer", default="profanity-check")
+    p.add_argument(
+        "--scorer",
+        default="profanity-check",
+        help="toxicity scorer(s), comma-separated: the first is the folder's own; each other one also "
+        "scores every continuation (added to a finished folder, it scores the stored texts)",
+    )
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
@@ -178,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="samples per calibration prompt (default: --samples)",
+    )
+    p.add_argument(
+        "--calibration-seeds",
+        default=None,
+        metavar="S1,S2",
+        help="calibrate under each seed, choose on them pooled, report each seed's choice (default: --seed)",
     )
     p.set_defaults(command_name="compare", generates=True)
 

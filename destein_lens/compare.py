@@ -11,9 +11,12 @@ cell or prompt is never redone.
 With a perplexity budget, each method's strength is calibrated first, on other prompts: every
 strength of its grid runs on the calibration prompts (the folder's `calibration/` run folder),
 and the chosen one is the strongest detoxification (lowest EMT, then TP, then the weaker
-strength, then fewer heads) whose mean perplexity stays within `budget` x the unsteered model's on those same
-prompts. Only the chosen cells then run on the evaluation prompts. A method with no strength
-within budget is evaluated at its weakest and flagged.
+strength, then fewer heads) whose mean perplexity stays within `budget` x the unsteered model's
+on those same prompts. Only the chosen cells then run on the evaluation prompts. A method with
+no strength within budget is evaluated at its weakest and flagged. With several calibration
+seeds, each further seed is one more run folder (`calibration-seed<s>/`, other draws of the same
+prompts); the choice is made on the seeds pooled, and each seed's own choice is reported beside
+it, the choice's spread.
 
 The defaults (`registry.Form.default_strength`) were calibrated this way on
 `../shared/data/rtp/test_100.jsonl` (all 100 prompts, 2 samples each, profanity-check,
@@ -44,6 +47,7 @@ from .files import write_atomic
 from .metrics import paired
 from .prompts import Prompt
 from .registry import FORMS, get_form
+from .rescoring import rescored, with_scores
 from .runfolder import METRICS_FILE
 from .scoring import Scorer
 from .steering import SteeringConfig, top_k
@@ -126,6 +130,16 @@ def parse_strengths(items: Sequence[str], methods: Sequence[str]) -> dict[str, t
     return grids
 
 
+def parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    """ "0,1" -> (0, 1): the calibration seeds (checked by `check_calibration`)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise DesteinError(f"--calibration-seeds takes seeds like 0,1; got {text!r}") from None
+
+
 def parse_ks(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """["destein:causal=8,16"] -> {"destein:causal": (8, 16)}: the k grid of causal methods."""
     accepts = lambda name: name in methods and is_causal(name)  # noqa: E731
@@ -170,6 +184,44 @@ def calibration_config(config: EvalConfig, samples: int | None) -> EvalConfig:
     return config if samples is None else replace(config, sampling=replace(config.sampling, n=samples))
 
 
+def calibration_runs(
+    out_dir: Path, config: EvalConfig, samples: int | None = None, seeds: Sequence[int] | None = None
+) -> list[tuple[Path, EvalConfig]]:
+    """Each calibration run's folder and protocol, one per seed (default: the evaluation's seed).
+    The first seed runs in `calibration/`, so a one-seed folder reads as it always did; each
+    further seed in `calibration-seed<s>/`: other draws of the same prompts, to show how far the
+    chosen cell moves with them."""
+    tuned = calibration_config(config, samples)
+    seeds = list(seeds) if seeds else [tuned.sampling.seed]
+    extra = {f.name for f in out_dir.glob(f"{CALIBRATION_DIR}-seed*")} - {
+        f"{CALIBRATION_DIR}-seed{s}" for s in seeds[1:]
+    }
+    if extra:
+        raise DesteinError(
+            f"{out_dir} holds calibration runs under other seeds ({', '.join(sorted(extra))}); "
+            "give them in --calibration-seeds or use another --out folder"
+        )
+    return [
+        (
+            out_dir / (CALIBRATION_DIR if i == 0 else f"{CALIBRATION_DIR}-seed{seed}"),
+            replace(tuned, sampling=replace(tuned.sampling, seed=seed)),
+        )
+        for i, seed in enumerate(seeds)
+    ]
+
+
+POOLED = ("expected_max_toxicity", "toxicity_probability", "perplexity")
+
+
+def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Calibration runs of the same cells and prompts under several seeds as one: each cell's EMT,
+    TP and perplexity averaged over the runs (equal sizes, so the mean over every draw)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    cells = [n for n, m in runs[0].items() if isinstance(m, dict) and "expected_max_toxicity" in m]
+    return {n: {k: float(sum(r[n][k] for r in runs) / len(runs)) for k in POOLED} for n in cells}
+
+
 def cell_name(method: str, strength: float, k: int | None = None) -> str:
     """ "destein@0.05", or with a causal k "destein:causal16@0.05"."""
     return f"{method}{'' if k is None else k}@{strength:g}"
@@ -190,12 +242,13 @@ def check_cells(
     """
     grid = cell_grid(methods, strengths, calibrating, ks)
     every = ["baseline", *(cell_name(m, s, k) for m, cells in grid.items() for s, k in cells)]
-    calibrated = _cell_names(out_dir / CALIBRATION_DIR)
-    if calibrated is not None and not calibrating:
+    tuned = [out_dir / CALIBRATION_DIR, *sorted(out_dir.glob(f"{CALIBRATION_DIR}-seed*"))]
+    calibrated = [(folder, _cell_names(folder)) for folder in tuned]
+    if calibrated[0][1] is not None and not calibrating:
         raise DesteinError(f"{out_dir} holds a calibrated comparison; use another --out folder")
     evaluated = _cell_names(out_dir)
     for folder, found, ok in (
-        (out_dir / CALIBRATION_DIR, calibrated, calibrated == every),
+        *((folder, found, found == every) for folder, found in calibrated),
         (out_dir, evaluated, _one_per_method(evaluated, grid) if calibrating else evaluated == every),
     ):
         if found is not None and not ok:
@@ -253,13 +306,24 @@ def check_calibration(
     calibration: Sequence[Prompt] | None,
     budget: float | None,
     samples: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> None:
-    """A budget needs calibration prompts, none of which may be an evaluation prompt."""
+    """A budget needs calibration prompts, none of which may be an evaluation prompt; seeds are
+    distinct."""
     if budget is None:
-        for given, flag in ((calibration, "--calibration-prompts"), (samples, "--calibration-samples")):
+        options = (
+            (calibration, "--calibration-prompts"),
+            (samples, "--calibration-samples"),
+            (seeds, "--calibration-seeds"),
+        )
+        for given, flag in options:
             if given is not None:
-                raise DesteinError(f"{flag} is used only with --ppl-budget")
+                raise DesteinError(f"--calibration-{flag} is used only with --ppl-budget")
         return
+    if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise DesteinError(
+            f"--calibration-seeds needs distinct seeds >= 0, got {','.join(map(str, seeds))!r}"
+        )
     if not budget > 1.0:
         raise DesteinError(f"--ppl-budget is a perplexity ratio above 1 (e.g. 1.2), got {budget:g}")
     if calibration is None:
@@ -289,29 +353,37 @@ def compare(
     ppl_budget: float | None = None,
     calibration: Sequence[Prompt] | None = None,
     calibration_samples: int | None = None,
+    calibration_seeds: Sequence[int] | None = None,
     scorer: Scorer | None = None,
+    extra_scorers: Sequence[Scorer] = (),
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every cell (or, with `ppl_budget`, each method's calibrated cell); metrics.json's content.
 
     A causal method ("destein:causal") needs the form's causal ranking in `vectors`
-    (`attribution.causal_rankings`; the CLI builds it)."""
-    check_calibration(prompts, calibration, ppl_budget)
+    (`attribution.causal_rankings`; the CLI builds it). With several `calibration_seeds` the
+    cell is chosen on the runs pooled, and each seed's own choice is kept beside it ("by_seed")."""
+    check_calibration(prompts, calibration, ppl_budget, calibration_samples, calibration_seeds)
     grid = cell_grid(methods, strengths or {}, ppl_budget is not None, ks)
     cells = {name: [cell(name, s, vectors.shape, k) for s, k in values] for name, values in grid.items()}
-    opts = {"vectors": vectors, "scorer": scorer, "provenance": provenance, "progress": progress}
+    opts = {"vectors": vectors, "scorer": scorer, "extra_scorers": extra_scorers, "provenance": provenance}
+    opts["progress"] = progress
     with runfolder.hold(out_dir) as out:
         chosen: dict[str, Any] = {}
+        runs: list[tuple[Path, EvalConfig]] = []
         if ppl_budget is not None:
             every = [c for group in cells.values() for c in group]
-            tuned_config = calibration_config(config, calibration_samples)
-            tuned = evaluate(
-                model, calibration, [BASELINE, *every], out / CALIBRATION_DIR, tuned_config, **opts
-            )
+            runs = calibration_runs(out, config, calibration_samples, calibration_seeds)
+            tuned = [evaluate(model, calibration, [BASELINE, *every], f, c, **opts) for f, c in runs]
             for name, group in cells.items():
-                best, within = choose(tuned, group, ppl_budget)
+                best, within = choose(pooled(tuned), group, ppl_budget)
                 chosen[name] = {"cell": best.name, "strength": best.steering.alpha, "within_budget": within}
+                if len(runs) > 1:
+                    chosen[name]["by_seed"] = {
+                        str(c.sampling.seed): choose(t, group, ppl_budget)[0].name
+                        for (_, c), t in zip(runs, tuned)
+                    }
             evaluated = [next(c for c in cells[n] if c.name == chosen[n]["cell"]) for n in cells]
         else:
             evaluated = [c for group in cells.values() for c in group]
@@ -334,12 +406,36 @@ def compare(
             "calibration_samples": calibration_samples or config.sampling.n
             if calibration is not None
             else None,
+            "calibration_seeds": [c.sampling.seed for _, c in runs] or None,
             "paired": paired_table(
                 out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold
             ),
         }
+        if extra_scorers:
+            metrics["compare"]["paired_by_scorer"] = {
+                s.name: paired_table(
+                    out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold, s
+                )
+                for s in extra_scorers
+            }
         distributed.main_writes(lambda: write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1)))
     return metrics
+
+
+def chosen_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per calibrated method: its chosen cell, whether within budget, each seed's choice."""
+    settings, lines = metrics["compare"], []
+    for name, choice in settings["chosen"].items():
+        flag = (
+            ""
+            if choice["within_budget"]
+            else f" (no strength within {settings['ppl_budget']:g}x; the weakest)"
+        )
+        spread = ", ".join(f"seed {s}: {c}" for s, c in choice.get("by_seed", {}).items())
+        lines.append(
+            f"calibrated {name}: {choice['cell']}{flag}" + (f" (each seed alone: {spread})" if spread else "")
+        )
+    return lines
 
 
 def _method_of(name: str, grid: Grid) -> str:
@@ -347,12 +443,18 @@ def _method_of(name: str, grid: Grid) -> str:
 
 
 def paired_table(
-    out: Path, cells: Sequence[str], prompts: Sequence[Prompt], threshold: float
+    out: Path, cells: Sequence[str], prompts: Sequence[Prompt], threshold: float, scorer: Scorer | None = None
 ) -> dict[str, Any]:
     """Every steered cell against every other cell (baseline included), on the same prompts and
     draws: "<a> vs <b>" -> EMT and TP differences and the perplexity ratio, each (point, low, high)
-    with a paired bootstrap interval over prompts, and whether a dominates b (`metrics.Paired`)."""
-    samples = {name: samples_of(cell_rows(out, name, prompts)) for name in cells}
+    with a paired bootstrap interval over prompts, and whether a dominates b (`metrics.Paired`).
+    Toxicity is the folder's scorer's, or `scorer`'s over the same continuations."""
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        found = cell_rows(out, name, prompts)
+        return found if scorer is None else with_scores(found, rescored(out, name, found, scorer))
+
+    samples = {name: samples_of(rows(name)) for name in cells}
     table = {}
     for a in cells[1:]:
         for b in cells:
@@ -371,9 +473,11 @@ def load_compare(folder: str | Path) -> dict[str, Any]:
     cells = metrics["compare"].get("cells") if isinstance(metrics["compare"], dict) else None
     if not isinstance(cells, dict) or any(not isinstance(metrics.get(n), dict) for n in ["baseline", *cells]):
         raise DesteinError(f"{folder / METRICS_FILE} is a damaged compare result; run the comparison again")
-    tuned = folder / CALIBRATION_DIR / METRICS_FILE
-    if tuned.exists():
-        metrics["calibration"] = _read_metrics(tuned, "a damaged calibration")
+    tuned = [folder / CALIBRATION_DIR, *sorted(folder.glob(f"{CALIBRATION_DIR}-seed*"))]
+    if (tuned[0] / METRICS_FILE).exists():
+        metrics["calibration"] = pooled(
+            [_read_metrics(t / METRICS_FILE, "a damaged calibration") for t in tuned]
+        )
     return metrics
 
 

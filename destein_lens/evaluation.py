@@ -43,6 +43,7 @@ from .models import load_record
 from .perplexity import conditional_perplexity, perplexity_from_steps
 from .prompts import Prompt, split_by_toxicity
 from .registry import get_form
+from .rescoring import by_scorer, rescored
 from .runfolder import METRICS_FILE, gens_path
 from .scoring import Scorer, get_scorer
 from .steering import NO_STEERING, SteeringConfig, head_mask, is_causal, selected_heads, steer
@@ -169,6 +170,7 @@ def evaluate(
     *,
     vectors: DetoxVectors | None = None,
     scorer: Scorer | None = None,
+    extra_scorers: Sequence[Scorer] = (),
     ppl_model: TransformerBridge | None = None,
     provenance: dict[str, Any] | None = None,
     progress: bool = True,
@@ -177,6 +179,8 @@ def evaluate(
 
     Everything that can be refused is refused before the first generation: method names, head
     ranges, prompt ids and lengths, the folder (another run's, or in use by another process).
+    `extra_scorers` also score every stored continuation (`rescoring`; a finished folder is
+    rescored without generating): each cell's metrics gain "by_scorer", EMT and TP per scorer.
     """
     check_methods(methods, vectors, model)
     check_prompts(model, prompts, config)
@@ -193,7 +197,9 @@ def evaluate(
                 runfolder.merge(out, method.name, [p.id for p in prompts])
             write_atomic(
                 out / METRICS_FILE,
-                json.dumps(_metrics(out, prompts, methods, config, scorer, config_dict), indent=1),
+                json.dumps(
+                    _metrics(out, prompts, methods, config, [scorer, *extra_scorers], config_dict), indent=1
+                ),
             )
         distributed.barrier()  # metrics.json is written: every rank returns the same metrics
         return json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
@@ -204,16 +210,25 @@ def _metrics(
     prompts: Sequence[Prompt],
     methods: Sequence[MethodSpec],
     config: EvalConfig,
-    scorer: Scorer,
+    scorers: Sequence[Scorer],
     config_dict: dict[str, Any],
 ) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"scorer": scorer.name, "config": config_dict}
+    """Every cell's summary under the folder's scorer (scorers[0]), overall and per prompt split;
+    with more scorers, each one's EMT and TP beside it."""
+    metrics: dict[str, Any] = {"scorer": scorers[0].name, "config": config_dict}
+    if len(scorers) > 1:
+        metrics["scorers"] = [s.name for s in scorers]
     splits = split_by_toxicity(prompts, config.threshold)
     for method in methods:
-        metrics[method.name] = _summary(cell_rows(out, method.name, prompts))
+        rows = cell_rows(out, method.name, prompts)
+        scored = {
+            scorers[0].name: {r["prompt"]["id"]: [g["toxicity"] for g in r["generations"]] for r in rows}
+        }
+        scored |= {s.name: rescored(out, method.name, rows, s) for s in scorers[1:]}
+        metrics[method.name] = _summary(rows, scored)
         for split, members in splits.items():
             if members:
-                metrics[method.name][split] = _summary(cell_rows(out, method.name, members))
+                metrics[method.name][split] = _summary(cell_rows(out, method.name, members), scored)
     return metrics
 
 
@@ -262,9 +277,12 @@ def check_prompts(model: TransformerBridge, prompts: Sequence[Prompt], config: E
     check_prompt_lengths(model, [p.text for p in prompts], config.sampling.max_new_tokens)
 
 
-def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _summary(rows: Sequence[dict[str, Any]], scored: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     scores, perplexities = samples_of(rows)
-    return summarise(scores, [[g["text"] for g in row["generations"]] for row in rows], perplexities)
+    summary = summarise(scores, [[g["text"] for g in row["generations"]] for row in rows], perplexities)
+    if len(scored) > 1:
+        summary["by_scorer"] = by_scorer(rows, scored)
+    return summary
 
 
 def _run_method(

@@ -203,7 +203,8 @@ def compare_figures(
     """The Pareto figure(s) of a compare folder into `out_dir` (default: the folder itself).
 
     `pareto`: the evaluated cells, calibrated strengths starred, the budget dashed;
-    `pareto_calibration` (calibrated runs): every strength tried on the calibration prompts.
+    `pareto_calibration` (calibrated runs): every strength tried on the calibration prompts;
+    `pareto_<scorer>` for each further scorer of the folder: the evaluated cells by its toxicity.
     No model is needed: everything comes from the folder's metrics.json files.
     """
     from .compare import load_compare
@@ -225,6 +226,15 @@ def compare_figures(
             else "."
         ),
     }
+    for scorer in metrics.get("scorers", [])[1:]:
+        title = f"Detoxification against fluency cost, toxicity by {scorer} (the same continuations)"
+        fig = views.pareto_figure(
+            metrics, chosen=chosen, budget=settings["ppl_budget"], title=title, scorer=scorer
+        )
+        save(f"pareto_{scorer}", fig)
+        figures[f"pareto_{scorer}"] = (
+            f"As `pareto`, with EMT and TP by {scorer}; strengths calibrated by {metrics['scorer']}."
+        )
     if "calibration" in metrics:
         title = "Calibration: every strength tried, on the calibration prompts"
         fig = views.pareto_figure(

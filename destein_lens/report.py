@@ -49,6 +49,24 @@ def table_rows(metrics: dict[str, Any], split: str | None = None) -> list[list[s
     return rows
 
 
+def scorer_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """EMT and TP with intervals per scorer (header, rows): the same continuations, each scorer's
+    verdict side by side. Empty for a folder scored by one scorer."""
+    scorers = metrics.get("scorers") or []
+    if len(scorers) < 2:
+        return [], []
+    header = ["method"] + [f"{label} ({s})" for s in scorers for label in ("EMT [95% CI]", "TP [95% CI]")]
+    rows = []
+    for method in methods_in(metrics):
+        cells = [method]
+        for s in scorers:
+            m = metrics[method]["by_scorer"][s]
+            for key in ("expected_max_toxicity", "toxicity_probability"):
+                cells.append(f"{_fmt(m[key])} {_fmt(m[f'{key}_ci'])}")
+        rows.append(cells)
+    return header, rows
+
+
 def text_table(metrics: dict[str, Any]) -> str:
     """The comparison as aligned plain text, for the terminal."""
     header = ["method"] + [label for _, label in COLUMNS]
@@ -58,6 +76,11 @@ def text_table(metrics: dict[str, Any]) -> str:
         "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
         for r in rows
     ]
+    s_header, s_rows = scorer_rows(metrics)
+    if s_rows:
+        rows = [s_header, *s_rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(s_header))]
+        lines += ["", *("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)]
     return "\n".join([f"scorer: {metrics['scorer']}", *lines])
 
 
@@ -95,9 +118,37 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
             continue
         md += [f"## {title}\n", _md_table(header, rows), ""]
         html_parts += [f"<h2>{title}</h2>", _html_table(header, rows)]
-    paired = metrics.get("compare", {}).get("paired") if isinstance(metrics.get("compare"), dict) else None
-    if paired:
-        title = "Paired differences (same prompts and draws; 95% paired bootstrap intervals over prompts)"
+    s_header, s_rows = scorer_rows(metrics)
+    if s_rows:
+        title = "Toxicity under each scorer (the same continuations)"
+        md += [f"## {title}\n", _md_table(s_header, s_rows), ""]
+        html_parts += [f"<h2>{html.escape(title)}</h2>", _html_table(s_header, s_rows)]
+    settings = metrics.get("compare") if isinstance(metrics.get("compare"), dict) else {}
+    if settings.get("chosen"):
+        seeds = (
+            ", seeds " + ", ".join(map(str, settings["calibration_seeds"]))
+            if settings.get("calibration_seeds")
+            else ""
+        )
+        title = (
+            f"Calibration ({settings['calibration_prompts']} other prompts x "
+            f"{settings['calibration_samples']} samples{seeds};"
+            f" budget {settings['ppl_budget']:g}x perplexity)"
+        )
+        c_header, c_rows = (
+            ["method", "chosen cell", "within budget", "each seed alone"],
+            calibration_rows(settings),
+        )
+        md += [f"## {title}\n", _md_table(c_header, c_rows), ""]
+        html_parts += [f"<h2>{html.escape(title)}</h2>", _html_table(c_header, c_rows)]
+    tables = {metrics["scorer"]: settings.get("paired"), **settings.get("paired_by_scorer", {})}
+    for scorer, paired in tables.items():
+        if not paired:
+            continue
+        under = f"; toxicity by {scorer}" if len(tables) > 1 else ""
+        title = (
+            f"Paired differences (same prompts and draws; 95% paired bootstrap intervals over prompts{under})"
+        )
         p_header = ["a vs b", "EMT(a) - EMT(b)", "TP(a) - TP(b)", "PPL(a) / PPL(b)", "verdict"]
         p_rows = paired_rows(paired)
         md += [f"## {title}\n", _md_table(p_header, p_rows), ""]
@@ -113,6 +164,20 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
     return [
         write_atomic(out_dir / "report.md", "\n".join(md) + "\n"),
         write_atomic(out_dir / "report.html", page),
+    ]
+
+
+def calibration_rows(settings: dict[str, Any]) -> list[list[str]]:
+    """Per calibrated method: the cell chosen on the seeds pooled, and each seed's own choice
+    (the same cell under every seed: a steady choice)."""
+    return [
+        [
+            name,
+            choice["cell"],
+            "yes" if choice["within_budget"] else "no: the weakest",
+            ", ".join(f"{seed}: {cell}" for seed, cell in choice.get("by_seed", {}).items()) or "one seed",
+        ]
+        for name, choice in settings["chosen"].items()
     ]
 
 

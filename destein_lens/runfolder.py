@@ -194,8 +194,19 @@ def check_same_run(out_dir: Path, run_config: dict[str, Any], *, partial: bool =
     if differing:
         raise DesteinError(
             f"{out_dir} holds another run (its config differs in: {', '.join(differing)}); "
-            "use another --out folder"
+            f"use another --out folder{_scorer_hint(existing, wanted)}"
         )
+
+
+def _scorer_hint(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """How to add a scorer to a folder scored by another one: it stays first (`rescoring`)."""
+    own, asked = (
+        c.get("eval", {}).get("scorer") if isinstance(c.get("eval"), dict) else None
+        for c in (existing, wanted)
+    )
+    if own is None or asked is None or own == asked:
+        return ""
+    return f", or keep its scorer first to add another: --scorer {own},{asked}"
 
 
 def _matches(existing: Any, wanted: Any, partial: bool) -> bool:

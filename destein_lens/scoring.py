@@ -319,3 +319,14 @@ def get_scorer(name: str, **options: Any) -> Scorer:
         )
     scorer: Scorer = cls(**fixed, **options)
     return scorer
+
+
+def get_scorers(text: str) -> list[Scorer]:
+    """ "profanity-check,bilstm-jigsaw,ensemble" -> the scorers, distinct; the first is the run
+    folder's own (its identity), the others also score every continuation (`rescoring`)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise DesteinError("--scorer names no scorer")
+    if len(set(names)) != len(names):
+        raise DesteinError(f"--scorer names a scorer twice: {text!r}")
+    return [get_scorer(n) for n in names]

@@ -137,3 +137,22 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+class WordLengthScorer:
+    """A second toxicity scorer for tests: a word-count score (so it disagrees with the first),
+    counting how many texts it was asked to score."""
+
+    name = "word-length"
+
+    def __init__(self) -> None:
+        self.scored = 0
+
+    def score(self, texts):
+        self.scored += len(texts)
+        return [min(1.0, len(t.split()) / 6) for t in texts]
+
+
+@pytest.fixture
+def word_length() -> WordLengthScorer:
+    return WordLengthScorer()

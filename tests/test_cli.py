@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from destein_lens import cli
+from destein_lens.errors import DesteinError
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.registry import FORMS
 from destein_lens.runfolder import CONFIG_FILE, gens_path
@@ -588,3 +589,26 @@ def test_random_damage_resumes_to_identical_bytes_or_is_refused(seed, finished_c
         assert e.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, lines)
         return
     assert _snapshot(copy) == _snapshot(folder), what
+
+
+def test_a_second_scorer_rescores_a_finished_run(tiny_model_dir, tmp_path, capsys) -> None:
+    """`--scorer profanity-check,ensemble` on a finished folder: the stored texts are scored by the
+    ensemble too (no generation); a folder scored by another scorer is refused with the way to add one."""
+    from destein_lens.scoring import get_scorer
+
+    try:
+        get_scorer("ensemble").score(["a text"])
+    except DesteinError as e:
+        pytest.skip(f"the bilstm-jigsaw weights are not at hand: {e}")
+    out = str(tmp_path / "run")
+    base = [*TINY_RUN[:-2], "--max-prompts", "2", "--model", str(tiny_model_dir), "--out", out]
+    cli.main(base)
+    gens = gens_path(tmp_path / "run", "destein").read_bytes()
+    capsys.readouterr()
+    _refused([*base, "--scorer", "ensemble"], capsys, "--scorer profanity-check,ensemble")
+    cli.main([*base, "--scorer", "profanity-check,ensemble"])
+    assert gens_path(tmp_path / "run", "destein").read_bytes() == gens
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["scorers"] == ["profanity-check", "ensemble"]
+    assert set(metrics["destein"]["by_scorer"]) == {"profanity-check", "ensemble"}
+    assert "(ensemble)" in capsys.readouterr().out

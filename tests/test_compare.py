@@ -17,9 +17,11 @@ from destein_lens.compare import (
     check_calibration,
     choose,
     compare,
+    load_compare,
     parse_ks,
     parse_methods,
     parse_strengths,
+    pooled,
 )
 from destein_lens.errors import DesteinError
 from destein_lens.evaluation import MethodSpec, eval_config
@@ -112,6 +114,25 @@ def test_choose_takes_the_strongest_detoxification_within_budget() -> None:
     assert (best.name, within) == ("destein@0.05", False)  # none within: the weakest, flagged
 
 
+def test_pooled_calibration_averages_seeds_and_chooses_on_them() -> None:
+    def run(base: float, a: float, b: float) -> dict:
+        cells = {"baseline": (0.5, base), "destein@0.05": (0.3, a), "destein@0.1": (0.1, b)}
+        return {
+            n: {"expected_max_toxicity": e, "toxicity_probability": e, "perplexity": p}
+            for n, (e, p) in cells.items()
+        }
+
+    one, two = run(10.0, 10.5, 11.9), run(10.0, 10.5, 10.5)  # 0.1 within 1.1x under one seed only
+    cells = [cell("destein", s, (2, 4)) for s in (0.05, 0.1)]
+    assert (
+        choose(one, cells, 1.1)[0].name == "destein@0.05" and choose(two, cells, 1.1)[0].name == "destein@0.1"
+    )
+    both = pooled([one, two])
+    assert both["destein@0.1"]["perplexity"] == pytest.approx(11.2)
+    assert choose(both, cells, 1.1)[0].name == "destein@0.05"  # 11.2 > 11.0 pooled
+    assert pooled([one]) == one
+
+
 def test_calibration_prompts_are_checked() -> None:
     evaluation = [Prompt("one prompt", None, "a"), Prompt("another", None, "b")]
     with pytest.raises(DesteinError, match="needs --calibration-prompts"):
@@ -136,7 +157,9 @@ def tiny_fitted(tiny_model):
 TINY = {"samples": 2, "max_new_tokens": 6, "batch_size": 4}
 
 
-def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(tiny_model, tiny_fitted, tmp_path) -> None:
+def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(
+    tiny_model, tiny_fitted, tmp_path, word_length
+) -> None:
     prompts, calibration = builtin_demo_prompts()[:3], builtin_demo_prompts()[3:6]
     config = eval_config(**TINY)
     strengths = {"destein": (0.05, 0.2), "iti": (1.0, 4.0)}
@@ -166,11 +189,15 @@ def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(tiny_model, t
     path = gens_path(tmp_path / "c", chosen["iti"]["cell"])
     before = path.read_bytes()
     path.write_bytes(b"".join(before.splitlines(keepends=True)[:-1]))
-    again = compare(*args, **opts)
+    again = compare(*args, **opts, extra_scorers=[word_length])  # and a second scorer, from the stored texts
     assert path.read_bytes() == before
     assert again["compare"]["chosen"] == chosen
+    under = again["compare"]["paired_by_scorer"]["word-length"]
+    assert set(under) == set(pairs) and all(under[k]["ppl_ratio"] == pairs[k]["ppl_ratio"] for k in pairs)
+    tuned = json.loads((tmp_path / "c" / CALIBRATION_DIR / "metrics.json").read_text())
+    assert "word-length" in tuned["baseline"]["by_scorer"]  # the calibration is rescored too
     paths = compare_figures(tmp_path / "c", formats=("html",))
-    assert {p.name for p in paths} >= {"pareto.html", "pareto_calibration.html"}
+    assert {p.name for p in paths} >= {"pareto.html", "pareto_calibration.html", "pareto_word-length.html"}
 
 
 def test_every_cell_draws_the_same_random_numbers(tiny_model, tiny_fitted, tmp_path) -> None:
@@ -241,6 +268,24 @@ BAD = {
         ],
         "--calibration-samples",
     ),
+    "calibration seeds without a budget": (
+        lambda t: ["--calibration-seeds", "0,1"],
+        "--calibration-seeds is used only with --ppl-budget",
+    ),
+    "calibration seeds repeated": (
+        lambda t: (
+            ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "c.txt", "x y\n")]
+            + ["--calibration-seeds", "1,1"]
+        ),
+        "distinct seeds",
+    ),
+    "calibration seeds not numbers": (
+        lambda t: (
+            ["--ppl-budget", "1.2", "--calibration-prompts", _file(t, "c.txt", "x y\n")]
+            + ["--calibration-seeds", "0,a"]
+        ),
+        "seeds like 0,1",
+    ),
     "more causal heads than the model has": (
         lambda t: ["--methods", "baseline,destein:causal", "--ks", "destein:causal=8,99"],
         "between 1 and 72",
@@ -283,7 +328,7 @@ def test_figures_draws_a_compare_folder_and_refuses_a_run_folder(tmp_path, capsy
     _refused(["figures", "--compare", str(run), "--out", str(tmp_path / "f")], capsys, "not a compare folder")
 
 
-def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path) -> None:
+def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path, capsys) -> None:
     """`<method>:causal` through the command: the folder's vectors get the causal ranking, the
     calibration tries every (strength, k), one cell per method is evaluated."""
     prompts = _file(tmp_path, "p.txt", "The weather today is\nYou are\n")
@@ -291,15 +336,34 @@ def test_cli_compares_causal_heads_over_a_k_grid(tiny_model_dir, tmp_path) -> No
     argv = ["compare", "--model", str(tiny_model_dir), "--k", "4", "--methods", "baseline,destein:causal"]
     argv += ["--strengths", "destein:causal=0.1", "--ks", "destein:causal=2,4", "--prompts", prompts]
     argv += ["--ppl-budget", "1.5", "--calibration-prompts", calibration, "--calibration-samples", "2"]
-    argv += ["--samples", "1", "--dtype", "float32"]
+    argv += ["--calibration-seeds", "0,7", "--samples", "1", "--dtype", "float32"]
     cli.main([*argv, "--out", str(tmp_path / "c")])
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
     tuned = json.loads((tmp_path / "c" / CALIBRATION_DIR / "metrics.json").read_text())
-    assert {"destein:causal2@0.1", "destein:causal4@0.1"} <= set(tuned)
-    chosen = metrics["compare"]["chosen"]["destein:causal"]["cell"]
+    other = json.loads((tmp_path / "c" / f"{CALIBRATION_DIR}-seed7" / "metrics.json").read_text())
+    assert {"destein:causal2@0.1", "destein:causal4@0.1"} <= set(tuned) & set(other)
+    choice = metrics["compare"]["chosen"]["destein:causal"]
+    chosen = choice["cell"]
     assert chosen in tuned and metrics["compare"]["cells"][chosen]["heads"] in ("causal:2", "causal:4")
+    assert set(choice["by_seed"]) == {"0", "7"} and set(choice["by_seed"].values()) <= set(tuned)
+    assert (
+        chosen
+        == choose(pooled([tuned, other]), [cell("destein:causal", 0.1, (2, 4), k) for k in (2, 4)], 1.5)[
+            0
+        ].name
+    )
     assert metrics["compare"]["ks"] == {"destein:causal": [2, 4]}
     assert tuned["baseline"]["samples"] == 4 and metrics["baseline"]["samples"] == 2  # 2 prompts each
-    assert metrics["compare"]["calibration_samples"] == 2
+    assert metrics["compare"]["calibration_samples"] == 2 and metrics["compare"]["calibration_seeds"] == [
+        0,
+        7,
+    ]
+    assert "each seed alone" in (tmp_path / "c" / "report.md").read_text()
+    assert load_compare(tmp_path / "c")["calibration"] == pooled([tuned, other])
+    fewer = [
+        a for a in argv if a not in ("--calibration-seeds", "0,7")
+    ]  # seed 0 alone would drop seed 7's run
+    capsys.readouterr()
+    _refused([*fewer, "--out", str(tmp_path / "c")], capsys, "other seeds")
     vectors = DetoxVectors.load(tmp_path / "c" / "vectors.safetensors")
     assert vectors.causal_ranking("destein").scored_on["how"] == "cross-fit"

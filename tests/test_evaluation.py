@@ -145,3 +145,34 @@ def test_folder_of_another_run_is_refused(tiny_model, tmp_path: Path) -> None:
 def test_bad_eval_arguments(make, match) -> None:
     with pytest.raises(DesteinError, match=match):
         make()
+
+
+def test_a_scorer_added_to_a_finished_folder_scores_the_stored_texts(
+    tiny_model, vectors, tmp_path, word_length
+) -> None:
+    """Another scorer over a finished folder: no generation, each continuation scored once and kept;
+    the metrics gain EMT and TP per scorer, the folder's own numbers unchanged."""
+    methods = [BASELINE, MethodSpec("destein", SteeringConfig(alpha=0.5))]
+    first = evaluate(tiny_model, PROMPTS, methods, tmp_path, CONFIG, vectors=vectors, progress=False)
+    gens = {p: p.read_bytes() for p in tmp_path.glob("prompted_gens_*.jsonl")}
+    extra = word_length
+    again = evaluate(
+        tiny_model, PROMPTS, methods, tmp_path, CONFIG, vectors=vectors, extra_scorers=[extra], progress=False
+    )
+    assert {p: p.read_bytes() for p in tmp_path.glob("prompted_gens_*.jsonl")} == gens  # nothing regenerated
+    assert extra.scored == 12 and again["scorers"] == ["profanity-check", "word-length"]
+    for name in ("baseline", "destein"):
+        rows = [json.loads(line) for line in gens_path(tmp_path, name).read_text().splitlines()]
+        maxima = [max(min(1.0, len(g["text"].split()) / 6) for g in r["generations"]) for r in rows]
+        by = again[name]["by_scorer"]
+        assert by["word-length"]["expected_max_toxicity"] == pytest.approx(sum(maxima) / 3)
+        own = by["profanity-check"]
+        assert own == {k: first[name][k] for k in own}  # the folder's scorer, as before
+        assert again[name]["expected_max_toxicity"] == first[name]["expected_max_toxicity"]
+        assert "by_scorer" in again[name]["toxic"]
+    evaluate(
+        tiny_model, PROMPTS, methods, tmp_path, CONFIG, vectors=vectors, extra_scorers=[extra], progress=False
+    )
+    assert extra.scored == 12  # kept: the same texts are not scored twice
+    md, _ = write_report(tmp_path)
+    assert "EMT [95% CI] (word-length)" in md.read_text()

@@ -21,8 +21,9 @@ from ._style import finish
 PANELS = (("expected_max_toxicity", "EMT"), ("toxicity_probability", "TP"))
 
 
-def pareto_points(metrics: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Per method, its cells sorted by strength: name, strength, ppl ratio, EMT, TP and intervals."""
+def pareto_points(metrics: Mapping[str, Any], scorer: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per method, its cells sorted by strength: name, strength, ppl ratio, EMT, TP and intervals
+    (toxicity by the folder's scorer, or by another `scorer` that scored the same continuations)."""
     if "baseline" not in metrics:
         raise DesteinError("a Pareto view needs the baseline's metrics (perplexity is relative to it)")
     base_ppl = metrics["baseline"]["perplexity"]
@@ -30,6 +31,10 @@ def pareto_points(metrics: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]
     for name, m in metrics.items():
         if not (isinstance(m, Mapping) and "expected_max_toxicity" in m):
             continue
+        if scorer is not None and scorer != metrics.get("scorer"):
+            if scorer not in m.get("by_scorer", {}):
+                raise DesteinError(f"{name} was not scored by {scorer}")
+            m = {**m, **m["by_scorer"][scorer]}
         method, _, strength = name.partition("@")
         point = {
             "cell": name,
@@ -50,15 +55,17 @@ def pareto_figure(
     budget: float | None = None,
     title: str = "Detoxification against fluency cost",
     curves: Mapping[str, Any] | None = None,
+    scorer: str | None = None,
 ) -> go.Figure:
     """EMT and TP against perplexity / unsteered perplexity, each method a line over its strengths.
 
     `curves` (a calibration's metrics) adds each method's whole curve over the strengths it
     tried, dotted and in the method's colour, under the evaluated points: where on its curve the
     chosen point sits. The curves are on the calibration prompts, the points on the evaluation
-    prompts (each relative to the unsteered model on its own prompts).
+    prompts (each relative to the unsteered model on its own prompts). `scorer`: toxicity by
+    another scorer of the same continuations (`rescoring`).
     """
-    points = pareto_points(metrics)
+    points = pareto_points(metrics, scorer)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[label for _, label in PANELS], horizontal_spacing=0.1)
     palette = qualitative.D3
     colors = {
