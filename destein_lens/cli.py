@@ -68,7 +68,10 @@ def _vector_spec(args: argparse.Namespace):  # -> lifecycle.VectorSpec, checked
     from .pairs import load_pairs
 
     _count(args.k, "--k")
-    return VectorSpec(load_pairs(args.pairs), args.site, args.k, args.probe_texts)
+    confirm = getattr(args, "causal_confirm", 0)
+    if confirm < 0:
+        raise DesteinError(f"--causal-confirm is a number of heads >= 0, got {confirm}")
+    return VectorSpec(load_pairs(args.pairs), args.site, args.k, args.probe_texts, confirm)
 
 
 def _cmd_vectors(args: argparse.Namespace) -> None:
@@ -167,7 +170,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
             **vectors.provenance(),
         )
         runfolder.check_same_run(out, known, partial=True)
-        lifecycle.check_vector_file(out)
+        lifecycle.check_vector_file(out, vectors, lifecycle.causal_for(inputs["methods"]))
         model, built = lifecycle.model_and_vectors(
             spec,
             out,
@@ -216,7 +219,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         for folder, tuned in comparing.calibration_runs(out, config, samples, seeds) if calibration else []:
             known = lifecycle.known_identity(tuned, calibration, spec, **vectors.provenance())
             runfolder.check_same_run(folder, known, partial=True)
-        lifecycle.check_vector_file(out)
+        lifecycle.check_vector_file(out, vectors, causal)
 
         def checks(model) -> None:
             for checked in (prompts, calibration):

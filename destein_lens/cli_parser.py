@@ -31,7 +31,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_vector_options(p: argparse.ArgumentParser) -> None:
+def _add_vector_options(p: argparse.ArgumentParser, causal: bool = True) -> None:
     from .activations import SITES
     from .vectors import PROBE_TEXTS
 
@@ -39,6 +39,15 @@ def _add_vector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", default=SITES[0], choices=SITES)
     p.add_argument("--k", type=int, default=8, help="mean over the last k tokens")
     p.add_argument("--probe-texts", default=PROBE_TEXTS[0], choices=PROBE_TEXTS)
+    if causal:
+        p.add_argument(
+            "--causal-confirm",
+            type=int,
+            default=0,
+            metavar="K",
+            help="causal head rankings: re-score each fold's top K heads by their exact single-head "
+            "effect (where the first-order estimate fails at the top, as on SmolLM2's layer 0)",
+        )
 
 
 def _add_strength_option(p: argparse.ArgumentParser, per_form: bool = False) -> None:
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute", help="head attribution studies: which heads carry toxicity, with intervals"
     )
     _add_model_options(p)
-    _add_vector_options(p)
+    _add_vector_options(p, causal=False)
     from .attribution import STUDIES
     from .pairs import DEFAULT_HF_PARADETOX
 

@@ -68,6 +68,7 @@ class VectorSpec:
     site: str = "heads"
     k: int = 8
     probe_texts: str = "bare"
+    causal_confirm: int = 0  # causal rankings: each scoring's top K re-scored exactly
 
     def provenance(self) -> dict[str, Any]:
         """Where the pairs came from: part of a run's identity."""
@@ -109,11 +110,24 @@ def known_identity(
     return known
 
 
-def check_vector_file(out: str | Path) -> None:
-    """A folder's own vector file, if it has one, is read and checked before the model loads."""
+def check_vector_file(out: str | Path, spec: VectorSpec | None = None, causal: Sequence[str] = ()) -> None:
+    """A folder's own vector file, if it has one, is read and checked before the model loads (with
+    `spec`, its causal rankings of `causal` forms against the settings asked for)."""
     path = Path(out) / VECTORS_FILE
     if path.exists():
-        DetoxVectors.load(path)
+        loaded = DetoxVectors.load(path)
+        if spec is not None:
+            _check_confirm(loaded, path, spec, [f for f in causal if f in loaded.causal])
+
+
+def _check_confirm(loaded: DetoxVectors, path: Path, spec: VectorSpec, causal: Sequence[str]) -> None:
+    for form in causal:
+        confirmed = loaded.causal_ranking(form).scored_on.get("confirmed_top", 0)
+        if confirmed != spec.causal_confirm:
+            raise DesteinError(
+                f"{path} holds a {form} causal ranking built with --causal-confirm {confirmed}, not "
+                f"{spec.causal_confirm}; use another --out folder"
+            )
 
 
 def fits_for(methods: Sequence[str]) -> list[str]:
@@ -139,7 +153,9 @@ def build_all(
         probe_texts=spec.probe_texts,
         fit_forms=list(dict.fromkeys([*fit_forms, *fits_for(causal)])),
     )
-    return causal_rankings(model, built, spec.pairs, forms=causal) if causal else built
+    if not causal:
+        return built
+    return causal_rankings(model, built, spec.pairs, forms=causal, confirm=spec.causal_confirm)
 
 
 def prepare(
@@ -188,4 +204,5 @@ def model_and_vectors(
         loaded.fit(form)
     for form in causal:
         loaded.causal_ranking(form)
+    _check_confirm(loaded, path, vectors, causal)
     return bridge, loaded

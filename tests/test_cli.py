@@ -366,7 +366,7 @@ def test_run_with_a_comparison_form_fits_it_and_names_the_method_by_it(tiny_mode
     )  # the form's own default strength
 
 
-def test_run_with_causal_heads_builds_the_ranking_into_its_vectors(tiny_model_dir, tmp_path) -> None:
+def test_run_with_causal_heads_builds_the_ranking_into_its_vectors(tiny_model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     argv = [*TINY_RUN[:-2], "--max-prompts", "1", "--model", str(tiny_model_dir), "--heads", "causal:3"]
     cli.main([*argv, "--out", str(out)])
@@ -377,6 +377,11 @@ def test_run_with_causal_heads_builds_the_ranking_into_its_vectors(tiny_model_di
     assert config["methods"][1]["heads"] == "causal:3"
     assert config["causal_heads"] == {"destein": [f"L{a}.H{b}" for a, b in ranking.ranking()[:3]]}
     cli.main([*argv, "--out", str(out)])  # a finished run resumes with the ranking it holds
+    capsys.readouterr()
+    _refused([*argv, "--causal-confirm", "2", "--out", str(out)], capsys, "--causal-confirm 0, not 2")
+    cli.main([*argv, "--causal-confirm", "2", "--out", str(tmp_path / "confirmed")])
+    confirmed = DetoxVectors.load(tmp_path / "confirmed" / "vectors.safetensors").causal_ranking("destein")
+    assert confirmed.scored_on["confirmed_top"] == 2
 
 
 def test_dtype_is_part_of_the_run_and_vectors_stay_float32(tiny_model_dir, tmp_path, capsys) -> None:
