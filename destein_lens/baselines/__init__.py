@@ -8,5 +8,5 @@ summarises them; where the released code and the paper differ, the docstring say
 
 # Importing registers the forms, in the order `compare` runs them.
 # isort: off
-from . import actadd, iti, act, self_detoxify  # noqa: F401
+from . import actadd, iti, act, self_detoxify, preadd, lma  # noqa: F401
 # isort: on

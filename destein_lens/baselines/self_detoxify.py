@@ -24,6 +24,7 @@ tokens decoded), tokenised together as the released code does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from ..activations import hook_name
 from ..errors import DesteinError
 from ..forms import selected_positions
 from ..registry import Form, HookFn, Steering, paused, register
+from .prefixed import PrefixedRows
 
 NORM_EXP = 0.4
 NEG_SIM_EXP = 0.6
@@ -85,42 +87,23 @@ def reverse(
 
 class Reversal:
     """The decoding processor: every row's negative- and positive-prefixed sequences, decoded beside
-    it, and their last-position head-output difference `delta` [batch, L, H, d] for the step in
-    flight, which the hooks read."""
+    it (`prefixed.PrefixedRows`), and their last-position head-output difference `delta`
+    [batch, L, H, d] for the step in flight, which the hooks read."""
 
     def __init__(self, model: TransformerBridge, prefixes: tuple[str, str]) -> None:
-        self.model = model
-        self.prefixes = prefixes
+        self._rows = PrefixedRows(model, prefixes, partial(last_head_outputs, model))
         self.delta: torch.Tensor | None = None
-        self._sides: list[tuple[DynamicCache, torch.Tensor]] = []
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        tokenizer, device = self.model.tokenizer, self.model.cfg.device
-        texts = [
-            tokenizer.decode(row[m.bool()], skip_special_tokens=True)
-            for row, m in zip(input_ids, attention_mask)
-        ]
-        outputs, self._sides = [], []
-        for prefix in self.prefixes:
-            enc = tokenizer(
-                [prefix + t for t in texts], return_tensors="pt", padding=True, padding_side="left"
-            )
-            ids, mask, cache = enc.input_ids.to(device), enc.attention_mask.to(device), DynamicCache()
-            outputs.append(last_head_outputs(self.model, ids, mask, cache))
-            self._sides.append((cache, mask))
-        self.delta = outputs[0] - outputs[1]
+        negative, positive = self._rows.start(input_ids, attention_mask)
+        self.delta = negative - positive
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
     def advance(self, tokens: torch.Tensor) -> None:
-        outputs, sides = [], []
-        for cache, mask in self._sides:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            outputs.append(last_head_outputs(self.model, tokens, mask, cache))
-            sides.append((cache, mask))
-        self._sides = sides
-        self.delta = outputs[0] - outputs[1]
+        negative, positive = self._rows.advance(tokens)
+        self.delta = negative - positive
 
 
 def _build(
