@@ -36,6 +36,7 @@ __all__ = [
     "SteeringPairs",
     "build_vectors",
     "evaluate",
+    "explore",
     "generate",
     "load_model",
     "load_pairs",
@@ -45,3 +46,13 @@ __all__ = [
     "register",
     "steer",
 ]
+
+
+def __getattr__(name: str):
+    """`explore` is imported on first use: its widgets (ipywidgets, Plotly's FigureWidget) would add
+    seconds to every command-line start."""
+    if name == "explore":
+        from .explorer import explore
+
+        return explore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ def test_the_notebooks_exist() -> None:
         "03_head_attribution",
         "04_compare",
         "05_cross_model",
+        "06_explore",
     ]
 
 
