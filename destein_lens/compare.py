@@ -193,21 +193,19 @@ def calibration_runs(
     chosen cell moves with them."""
     tuned = calibration_config(config, samples)
     seeds = list(seeds) if seeds else [tuned.sampling.seed]
-    extra = {f.name for f in out_dir.glob(f"{CALIBRATION_DIR}-seed*")} - {
-        f"{CALIBRATION_DIR}-seed{s}" for s in seeds[1:]
-    }
+    folders = [out_dir / CALIBRATION_DIR, *(out_dir / f"{CALIBRATION_DIR}-seed{s}" for s in seeds[1:])]
+    extra = sorted(f.name for f in set(calibration_folders(out_dir)[1:]) - set(folders))
     if extra:
         raise DesteinError(
-            f"{out_dir} holds calibration runs under other seeds ({', '.join(sorted(extra))}); "
+            f"{out_dir} holds calibration runs under other seeds ({', '.join(extra)}); "
             "give them in --calibration-seeds or use another --out folder"
         )
-    return [
-        (
-            out_dir / (CALIBRATION_DIR if i == 0 else f"{CALIBRATION_DIR}-seed{seed}"),
-            replace(tuned, sampling=replace(tuned.sampling, seed=seed)),
-        )
-        for i, seed in enumerate(seeds)
-    ]
+    return [(f, replace(tuned, sampling=replace(tuned.sampling, seed=s))) for f, s in zip(folders, seeds)]
+
+
+def calibration_folders(out_dir: Path) -> list[Path]:
+    """The calibration run folders a compare folder may hold: `calibration/`, then one per further seed."""
+    return [out_dir / CALIBRATION_DIR, *sorted(out_dir.glob(f"{CALIBRATION_DIR}-seed*"))]
 
 
 POOLED = ("expected_max_toxicity", "toxicity_probability", "perplexity")
@@ -242,8 +240,7 @@ def check_cells(
     """
     grid = cell_grid(methods, strengths, calibrating, ks)
     every = ["baseline", *(cell_name(m, s, k) for m, cells in grid.items() for s, k in cells)]
-    tuned = [out_dir / CALIBRATION_DIR, *sorted(out_dir.glob(f"{CALIBRATION_DIR}-seed*"))]
-    calibrated = [(folder, _cell_names(folder)) for folder in tuned]
+    calibrated = [(folder, _cell_names(folder)) for folder in calibration_folders(out_dir)]
     if calibrated[0][1] is not None and not calibrating:
         raise DesteinError(f"{out_dir} holds a calibrated comparison; use another --out folder")
     evaluated = _cell_names(out_dir)
@@ -367,8 +364,13 @@ def compare(
     check_calibration(prompts, calibration, ppl_budget, calibration_samples, calibration_seeds)
     grid = cell_grid(methods, strengths or {}, ppl_budget is not None, ks)
     cells = {name: [cell(name, s, vectors.shape, k) for s, k in values] for name, values in grid.items()}
-    opts = {"vectors": vectors, "scorer": scorer, "extra_scorers": extra_scorers, "provenance": provenance}
-    opts["progress"] = progress
+    opts = {
+        "vectors": vectors,
+        "scorer": scorer,
+        "extra_scorers": extra_scorers,
+        "provenance": provenance,
+        "progress": progress,
+    }
     with runfolder.hold(out_dir) as out:
         chosen: dict[str, Any] = {}
         runs: list[tuple[Path, EvalConfig]] = []
@@ -388,6 +390,7 @@ def compare(
         else:
             evaluated = [c for group in cells.values() for c in group]
         metrics = evaluate(model, prompts, [BASELINE, *evaluated], out, config, **opts)
+        names = [BASELINE.name, *(c.name for c in evaluated)]
         metrics["compare"] = {
             "methods": list(grid),
             "strengths": {name: sorted({s for s, _ in values}) for name, values in grid.items()},
@@ -407,16 +410,11 @@ def compare(
             if calibration is not None
             else None,
             "calibration_seeds": [c.sampling.seed for _, c in runs] or None,
-            "paired": paired_table(
-                out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold
-            ),
+            "paired": paired_table(out, names, prompts, config.threshold),
         }
         if extra_scorers:
             metrics["compare"]["paired_by_scorer"] = {
-                s.name: paired_table(
-                    out, [BASELINE.name, *(c.name for c in evaluated)], prompts, config.threshold, s
-                )
-                for s in extra_scorers
+                s.name: paired_table(out, names, prompts, config.threshold, s) for s in extra_scorers
             }
         distributed.main_writes(lambda: write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=1)))
     return metrics
@@ -473,7 +471,7 @@ def load_compare(folder: str | Path) -> dict[str, Any]:
     cells = metrics["compare"].get("cells") if isinstance(metrics["compare"], dict) else None
     if not isinstance(cells, dict) or any(not isinstance(metrics.get(n), dict) for n in ["baseline", *cells]):
         raise DesteinError(f"{folder / METRICS_FILE} is a damaged compare result; run the comparison again")
-    tuned = [folder / CALIBRATION_DIR, *sorted(folder.glob(f"{CALIBRATION_DIR}-seed*"))]
+    tuned = calibration_folders(folder)
     if (tuned[0] / METRICS_FILE).exists():
         metrics["calibration"] = pooled(
             [_read_metrics(t / METRICS_FILE, "a damaged calibration") for t in tuned]

@@ -226,9 +226,10 @@ def _metrics(
         }
         scored |= {s.name: rescored(out, method.name, rows, s) for s in scorers[1:]}
         metrics[method.name] = _summary(rows, scored)
+        by_id = {r["prompt"]["id"]: r for r in rows}
         for split, members in splits.items():
             if members:
-                metrics[method.name][split] = _summary(cell_rows(out, method.name, members), scored)
+                metrics[method.name][split] = _summary([by_id[p.id] for p in members], scored)
     return metrics
 
 
