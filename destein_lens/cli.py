@@ -329,20 +329,22 @@ def _cmd_attribute(args: argparse.Namespace) -> None:
     from .distributed import is_main
     from .figures import attribution_figures
     from .files import check_out_dir
-    from .steering import SteeringConfig
+    from .scoring import get_scorers
 
     studies = parse_studies(args.study)
     for value, flag in ((args.n_held_out, "--n-held-out"), (args.batch_size, "--batch-size")):
         _count(value, flag)
-    SteeringConfig(alpha=args.alpha)
     settings = StudySettings(alpha=args.alpha, batch_size=args.batch_size, eval_samples=args.samples)
+    scorers = get_scorers(args.scorer)
     vectors = _vector_spec(args)
     held = held_out_pairs(args.held_out, args.n_held_out, vectors.pairs)
     check_held_out(studies, held, vectors.pairs.sha256())
     prompts = _prompts(args.prompts, args.max_prompts, "--max-prompts")  # part of the folder's identity
     check_out_dir(args.out)
     model, built = lifecycle.model_and_vectors(_model(args), args.out, vectors)
-    run_study(model, built, held, args.out, studies=studies, settings=settings, prompts=prompts)
+    run_study(
+        model, built, held, args.out, studies=studies, settings=settings, prompts=prompts, scorers=scorers
+    )
     if not is_main():
         return
     paths = attribution_figures(args.out)

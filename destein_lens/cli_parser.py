@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="the selection's EMT/TP prompts (default: built-in demo)")
     p.add_argument("--max-prompts", type=int, default=10)
     p.add_argument("--samples", type=int, default=2, help="continuations per prompt in the selection's runs")
+    p.add_argument("--scorer", default="profanity-check", help="the selection's scorer(s), as for `run`")
     p.add_argument("--batch-size", type=int, default=16, help="held-out pairs per forward")
     p.add_argument("--out", default="runs/attribution", help="study folder (resumable)")
     p.set_defaults(command_name="attribute", generates=False)

@@ -36,6 +36,7 @@ from destein_lens.attribution.selection import crossfit_orders, fold_pairs
 from destein_lens.attribution.study import held_out_pairs
 from destein_lens.pairs import SteeringPairs, builtin_seed_pairs
 from destein_lens.prompts import builtin_demo_prompts
+from destein_lens.scoring import get_scorer
 from destein_lens.steering import steer
 from destein_lens.vectors import DetoxVectors, build_vectors
 
@@ -303,7 +304,9 @@ def test_checkpoint_resumes_finished_cells(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_study_folder_runs_resumes_and_refuses_another(tiny_model, vectors, split, tmp_path: Path) -> None:
+def test_study_folder_runs_resumes_and_refuses_another(
+    tiny_model, vectors, split, tmp_path: Path, word_length
+) -> None:
     out = tmp_path / "study"
     settings = StudySettings(
         selection_ks=(1, 2), random_seeds=(0,), eval_ks=(2,), eval_samples=1, eval_tokens=3
@@ -331,6 +334,21 @@ def test_study_folder_runs_resumes_and_refuses_another(tiny_model, vectors, spli
     again = run_study(tiny_model, vectors, split[1], out, settings=settings, prompts=prompts, progress=False)
     assert (out / "patching.safetensors").stat().st_mtime_ns == stamp  # resumed: nothing redone
     assert torch.equal(again.effects["steering"].values, results.effects["steering"].values)
+    gens = out / "selection_eval" / "prompted_gens_baseline.jsonl"
+    written = gens.read_bytes()
+    rescored = run_study(
+        tiny_model,
+        vectors,
+        split[1],
+        out,
+        settings=settings,
+        prompts=prompts,
+        scorers=[get_scorer("profanity-check"), word_length],
+        progress=False,
+    )  # a second scorer on a finished folder scores the stored texts, generating nothing
+    assert gens.read_bytes() == written
+    assert set(rescored.evaluation["baseline"]["by_scorer"]) == {"profanity-check", word_length.name}
+    assert f"EMT ({word_length.name})" in (out / "report.md").read_text()
     loaded = load_study(out)
     assert torch.equal(loaded.effects["dla"].values, results.effects["dla"].values)
     assert loaded.dla.top_tokens == results.dla.top_tokens

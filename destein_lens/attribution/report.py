@@ -8,7 +8,7 @@ depth so that models of different depth line up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -107,20 +107,28 @@ def _selection_lines(results: StudyResults) -> list[str]:
             lines += [f"| **{one} - {other}** (paired) | " + " | ".join(cells) + " |"]
     lines.append("")
     if results.evaluation:
-        lines += [
-            "Generation (selection_eval/): expected max toxicity, toxicity probability, perplexity.",
-            "",
-            "| method | EMT | TP | PPL |",
-            "|---|---|---|---|",
-        ]
-        for name, m in results.evaluation.items():
-            if isinstance(m, dict) and "expected_max_toxicity" in m:
-                lines.append(
-                    f"| {name} | {m['expected_max_toxicity']:.3f} | {m['toxicity_probability']:.2f} | "
-                    f"{m['perplexity']:.2f} |"
-                )
-        lines.append("")
+        lines += _evaluation_lines(results.evaluation)
     return lines
+
+
+def _evaluation_lines(metrics: dict[str, Any]) -> list[str]:
+    """The selection's generation runs: EMT and TP under each scorer the folder was scored with."""
+    scorers = metrics.get("scorers") or [metrics.get("scorer", "profanity-check")]
+    head = " | ".join(f"EMT ({s}) | TP ({s})" for s in scorers)
+    lines = [
+        "Generation (selection_eval/): expected max toxicity, toxicity probability, perplexity.",
+        "",
+        f"| method | {head} | PPL |",
+        "|---|" + "---|---|" * len(scorers) + "---|",
+    ]
+    for name, m in metrics.items():
+        if isinstance(m, dict) and "expected_max_toxicity" in m:
+            each = [m["by_scorer"][s] if len(scorers) > 1 else m for s in scorers]
+            cells = " | ".join(
+                f"{t['expected_max_toxicity']:.3f} | {t['toxicity_probability']:.2f}" for t in each
+            )
+            lines.append(f"| {name} | {cells} | {m['perplexity']:.2f} |")
+    return [*lines, ""]
 
 
 def _layer_lines(effects: dict[str, HeadEffects], n_layers: int) -> list[str]:

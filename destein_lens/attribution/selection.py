@@ -34,6 +34,7 @@ from ..evaluation import BASELINE, EvalConfig, MethodSpec, evaluate
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
 from ..registry import DEFAULT_STRENGTH
+from ..scoring import Scorer
 from ..steering import SteeringConfig
 from ..store import load_result, save_result
 from ..vectors import DetoxVectors
@@ -214,13 +215,24 @@ def selection_evaluation(
     *,
     alpha: float = DEFAULT_STRENGTH,
     form: str = "destein",
+    extra_scorers: Sequence[Scorer] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """EMT, TP and perplexity of steering each order's top k (`<ranker>-top<k>`), and the baseline,
-    with the evaluation harness (a resumable run folder of its own); returns its metrics."""
+    with the evaluation harness (a resumable run folder of its own; `extra_scorers` as in
+    `evaluate`); returns its metrics."""
     methods = [BASELINE] + [
         MethodSpec(f"{name}-top{k}", SteeringConfig(alpha=alpha, heads=orders[name][:k], form=form))
         for name in orders
         for k in ks
     ]
-    return evaluate(model, prompts, methods, out_dir, config, vectors=vectors, progress=progress)
+    return evaluate(
+        model,
+        prompts,
+        methods,
+        out_dir,
+        config,
+        vectors=vectors,
+        extra_scorers=extra_scorers,
+        progress=progress,
+    )

@@ -33,6 +33,8 @@ from ..models import load_record
 from ..pairs import SteeringPairs
 from ..prompts import Prompt
 from ..registry import DEFAULT_STRENGTH, get_form
+from ..scoring import Scorer
+from ..steering import SteeringConfig
 from ..vectors import DetoxVectors
 from .agreement import Agreement, agreement
 from .dla import DirectLogits
@@ -73,6 +75,7 @@ class StudySettings:
             raise DesteinError("batch size, samples and tokens must be at least 1")
         if any(k < 1 for k in self.selection_ks + self.eval_ks):
             raise DesteinError("every k must be at least 1")
+        SteeringConfig(alpha=self.alpha, form=self.form)  # the form's own range of strengths
         if not get_form(self.form).head_wise:
             raise DesteinError(
                 f"{self.form} does not act on heads: head attribution needs a head-wise method"
@@ -131,13 +134,16 @@ def run_study(
     studies: Sequence[str] = tuple(STUDIES),
     settings: StudySettings | None = None,
     prompts: Sequence[Prompt] = (),
+    scorers: Sequence[Scorer] = (),
     progress: bool = True,
 ) -> StudyResults:
     """Run `studies` into `out_dir` (resuming), then the agreement and the report; returns all of it.
 
     The held-out pairs must be disjoint from the vectors' pairs. The selection's "causal" ranker
     is cross-fitted over two folds of them (`selection`).
-    `prompts` are the selection's evaluation prompts (none: no EMT / TP runs).
+    `prompts` are the selection's evaluation prompts (none: no EMT / TP runs), scored by
+    `scorers` (default profanity-check): the first is the evaluation folder's own, each other one
+    also scores every continuation, as in `evaluate`.
     """
     studies = parse_studies(",".join(studies))  # run order; selection brings steering
     settings = settings or StudySettings()
@@ -161,7 +167,7 @@ def run_study(
                 StudyContext(model, vectors, held, held_pairs, out, settings, prompts, progress),
             )
             if name == "selection":
-                _selection_evaluation(model, vectors, out, settings, prompts, progress)
+                _selection_evaluation(model, vectors, out, settings, prompts, scorers, progress)
         effects = load_study(out).effects
         ranked = {r: effects[r] for r in ranked_results() if r in effects}
         if ranked:  # redone every time: a resumed folder may have gained a study
@@ -191,16 +197,16 @@ def _selection_evaluation(
     out: Path,
     settings: StudySettings,
     prompts: Sequence[Prompt],
+    scorers: Sequence[Scorer],
     progress: bool,
 ) -> None:
     """EMT / TP / perplexity of the selection's few k with the evaluation harness (resumable)."""
     steering = HeadEffects.load(out / "steering")
     if prompts and settings.eval_ks:
-        config = EvalConfig(
-            sampling=protocol_sampling(
-                n=settings.eval_samples, max_new_tokens=settings.eval_tokens, seed=settings.seed
-            )
+        sampling = protocol_sampling(
+            n=settings.eval_samples, max_new_tokens=settings.eval_tokens, seed=settings.seed
         )
+        config = EvalConfig(sampling=sampling, **({"scorer": scorers[0].name} if scorers else {}))
         # the generation prompts are not the held-out pairs: here causal ranks on all of them
         gradient = saved_effects(out, "atp_steering")
         orders = rankings(
@@ -218,6 +224,7 @@ def _selection_evaluation(
             config,
             alpha=settings.alpha,
             form=settings.form,
+            extra_scorers=scorers[1:],
             progress=progress,
         )
 
