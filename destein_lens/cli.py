@@ -118,7 +118,7 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Everything about the evaluation that can be wrong, checked before any model work starts."""
     from .evaluation import BASELINE, MethodSpec, eval_config
     from .files import check_out_dir
-    from .lifecycle import check_heads_early
+    from .lifecycle import check_heads_early, run_methods
     from .registry import get_form
     from .scoring import get_scorers
     from .steering import SteeringConfig, parse_heads
@@ -132,9 +132,14 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     check_heads_early(args.model, steering.heads)
     check_out_dir(args.out)
     # The steered method is named by its form ("destein" for the default, as run folders always had).
+    methods = (
+        run_methods(args.model, steering)
+        if args.command_name == "run"
+        else [BASELINE, MethodSpec(args.form, steering)]
+    )
     return {
         "prompts": _prompts(args.prompts, args.max_prompts, "--max-prompts"),
-        "methods": [BASELINE, MethodSpec(args.form, steering)],
+        "methods": methods,
         "config": config,
         "scorer": scorers[0],
         "extra_scorers": scorers[1:],
