@@ -19,13 +19,16 @@ Attention over the KV cache, norms, rotary embeddings, hooks and Python are not 
 are what a real step adds, and "step / bound" measures them. GFLOP/s counts 2 x B x in x out.
 
 Part B, the main job (`--main-job`): the documented `destein-lens run` (defaults: built-in pairs
-and demo prompts, 10 samples, 20 tokens) end to end, as of `--base` (the code before the speed
-work, checked out into a git worktree) and now, one after the other in this run, each in a fresh
-process, with the wall time of each stage (model load, vector build, decoding, perplexity,
-scoring, the rest) taken by wrapping those functions, and each run's metrics side by side. Now
-runs twice: with its default `--dtype auto` (bfloat16 where that decodes faster: CUDA, AMX CPUs)
-and with the other of float32 and bfloat16, so the speedup of the code and of the dtype, and the
-metrics' change with the dtype against their bootstrap intervals, are read apart.
+and demo prompts, 10 samples, 20 tokens) end to end, as of `--base` (the code before the measured
+dtype and the cut perplexity pass, checked out into a git worktree) and now, one after the other in
+this run, each in a fresh process, with the wall time of each stage (model load, vector build,
+decoding, perplexity, scoring, the rest) and of each cell (method) taken by wrapping those
+functions, and each run's metrics side by side. Now runs twice: with its default `--dtype auto`
+(the dtype its probe measures faster here, `destein_lens.dtypes`; the run folder's dtype.json is
+printed) and with the other of float32 and bfloat16, so the speedup of the code and of the dtype,
+and the metrics' change with the dtype against their bootstrap intervals, are read apart. Each
+run's steered cell is timed against its baseline cell (the unsteered model's perplexity comes free
+from the baseline's decoding steps; the steered cell's needs its own pass).
 
 On a small machine shared with other work, two threads stall on each other whenever one is
 descheduled (a 0.3 ms matmul then takes 5 to 8 ms), which inflates step and bound alike at 2
@@ -50,7 +53,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from destein_lens.models import fast_bfloat16, load_model
+from destein_lens.models import load_model
 from destein_lens.positions import token_window
 
 PROMPTS = [
@@ -190,23 +193,31 @@ def decode_roofline(
     return rows
 
 
-BASE = "ad3dad1"  # main before the speed work of issue 14: "today" in its terms
-# Runs the command line in this process with its stages timed; argv: timing file, then the CLI's.
+BASE = "a12c7d6"  # main before issue 28 (measured dtype, cut perplexity pass): "today" in its terms
+# Runs the command line in this process with its stages and cells timed; argv: timing file, then the CLI's.
 STAGE_DRIVER = """
 import json, sys, time
 import destein_lens
-from destein_lens import cli, evaluation, scoring, vectors
-totals = {"package": destein_lens.__file__}
-def timed(stage, fn):
+from destein_lens import cli, evaluation, models, scoring, vectors
+totals = {"package": destein_lens.__file__, "cells": {}}
+def timed(stage, fn, into=totals):
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - t
+            key = stage(*args) if callable(stage) else stage
+            into[key] = into.get(key, 0.0) + time.perf_counter() - t
     return wrapper
-cli._load = timed("load", cli._load)
+models.load_model = timed("load", models.load_model)
+evaluation._run_method = timed(lambda model, prompts, method, *rest: method.name, evaluation._run_method,
+                               totals["cells"])
 vectors.build_vectors = timed("vectors", vectors.build_vectors)
+try:  # the measured dtype (absent at the base revision)
+    from destein_lens import dtypes
+    dtypes.measure = timed("probe", dtypes.measure)
+except ImportError:
+    pass
 for name, stage in [("generate_ids", "decode"), ("generate_scored", "decode"),
                     ("conditional_perplexity", "perplexity"), ("perplexity_from_steps", "perplexity"),
                     ("decode_continuations", "detokenise")]:
@@ -223,14 +234,13 @@ cli.main(sys.argv[2:])
 totals["total"] = time.perf_counter() - t
 open(sys.argv[1], "w").write(json.dumps(totals))
 """
-STAGES = ("load", "vectors", "decode", "perplexity", "scoring", "detokenise")
+STAGES = ("probe", "load", "vectors", "decode", "perplexity", "scoring", "detokenise")
 METRICS = ("expected_max_toxicity", "toxicity_probability", "perplexity")
 
 
 def main_job(base: str, extra: Sequence[str]) -> dict:
     """The main job at `base` and now (auto dtype, and the dtype auto did not pick), one after the
-    other: stages and metrics."""
-    other = "float32" if fast_bfloat16("cpu") else "bfloat16"
+    other: stages, cells and metrics."""
     repo = Path(__file__).resolve().parents[1]
     root = Path(tempfile.mkdtemp(prefix="bench_roofline_"))
     worktree = root / "base"
@@ -238,11 +248,13 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
     runs = {  # `python -c` imports the package from its working directory first
         f"base {base}": (worktree, []),
         "now (auto)": (repo, []),
-        f"now {other}": (repo, ["--dtype", other]),
+        "now, the other dtype": (repo, None),  # the one auto did not pick
     }
     results = {}
     try:
         for name, (cwd, flags) in runs.items():
+            if flags is None:
+                flags = ["--dtype", "float32" if results["now (auto)"]["dtype"] == "bfloat16" else "bfloat16"]
             timing, out = root / f"{len(results)}.json", root / f"run{len(results)}"
             argv = [sys.executable, "-c", STAGE_DRIVER, str(timing), "run", *extra, *flags, "--out", str(out)]
             t = time.perf_counter()
@@ -251,14 +263,18 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
             stages = json.loads(timing.read_text())
             stages["other"] = stages["total"] - sum(stages.get(k, 0.0) for k in STAGES)
             metrics = json.loads((out / "metrics.json").read_text())
+            cells = stages.pop("cells")
             results[name] = {
                 "wall_s": round(wall, 1),
                 "package": stages.pop("package"),
                 "stages_s": {k: round(v, 1) for k, v in stages.items()},
+                "cells_s": {k: round(v, 1) for k, v in cells.items()},
+                "steered_over_baseline": round(cells["destein"] / cells["baseline"], 3),
                 "dtype": metrics["config"]["model"]["dtype"],
+                "dtype_record": _read_json(out / "dtype.json"),
                 "metrics": {
                     method: {k: metrics[method][k] for k in METRICS}
-                    | {f"{k}_ci": metrics[method].get(f"{k}_ci") for k in METRICS[:2]}
+                    | {f"{k}_ci": metrics[method].get(f"{k}_ci") for k in METRICS}
                     for method in ("baseline", "destein")
                 },
             }
@@ -271,6 +287,12 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
     for stage in (*STAGES, "other", "total"):
         print(f"{stage:<12}" + "".join(f"{results[n]['stages_s'].get(stage, 0.0):>18.1f}" for n in names))
     print(f"{'wall':<12}" + "".join(f"{results[n]['wall_s']:>18.1f}" for n in names))
+    for cell in results[names[0]]["cells_s"]:
+        print(
+            f"{'cell ' + cell:<12}" + "".join(f"{results[n]['cells_s'].get(cell, 0.0):>18.1f}" for n in names)
+        )
+    print(f"{'dtype':<12}" + "".join(f"{results[n]['dtype']:>18}" for n in names))
+    print(f"{'steered/base':<12}" + "".join(f"{results[n]['steered_over_baseline']:>18.2f}" for n in names))
     for n in names[1:]:
         print(
             f"speedup of {n} over {names[0]}: {results[names[0]]['wall_s'] / results[n]['wall_s']:.2f}x wall"
@@ -278,9 +300,14 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
     for method in ("baseline", "destein"):
         for n in names:
             m = results[n]["metrics"][method]
-            emt, tp = (f"{m[k]:.3f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in METRICS[:2])
-            print(f"{method:<9} {n:<16} EMT {emt}  TP {tp}  PPL {m['perplexity']:.2f}")
+            emt, tp, ppl = (f"{m[k]:.3f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in METRICS)
+            print(f"{method:<9} {n:<20} EMT {emt}  TP {tp}  PPL {ppl}")
     return results
+
+
+def _read_json(path: Path) -> dict | None:
+    """A run folder's file (dtype.json is newer than the base revision), or None."""
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def main() -> None:

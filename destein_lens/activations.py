@@ -118,6 +118,7 @@ def hook_activations(
             attention_mask=enc.attention_mask.to(device),
             names_filter=lambda name: name in wanted,
             stop_at_layer=stop_at_layer,
+            logits_to_keep=1,  # the logits go unused: unembed no position but one (262k vocabulary)
         )
         flat = [einops.rearrange(cache[n], "b p ... -> b p (...)").float() for n in names]
         if k is None:  # mean over the real tokens, wherever the padding is

@@ -281,7 +281,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             **provenance,
         )
         runfolder.check_same_run(out, known, partial=True)
-        model = spec.load()
+        model = spec.load(folder=out)
         vectors.check_compatible(model)
         lifecycle.prepare(model, inputs["methods"], inputs["prompts"], inputs["config"])
         _evaluate(args, model, vectors, inputs, provenance)
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from . import distributed
 
     args = build_parser().parse_args(argv)
-    command = COMMANDS[args.command_name]
+    command = COMMANDS.get(args.command_name) or args.handler  # a command of its own module
     _quiet_libraries()
     try:
         if distributed.launched() and args.command not in DATA_PARALLEL:

@@ -20,14 +20,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch device (default: cuda if available, else cpu; under torchrun: the rank's LOCAL_RANK GPU)",
     )
-    from .models import DTYPES
+    from .dtypes import DTYPES
 
     p.add_argument(
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="model dtype (auto: bfloat16 to generate where the hardware multiplies bf16, else float32; "
-        "vectors and probes are always built in float32)",
+        help="model dtype (auto: to generate, float32 or bfloat16, whichever a one-second probe of the "
+        "model's matmuls measures faster here, cached; else float32; vectors and probes are always "
+        "built in float32)",
     )
 
 
@@ -100,6 +101,30 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
         choices=list(FORMS),
         help="; ".join(f"{f.name}: {f.summary}" for f in FORMS.values()),
     )
+
+
+def _add_expert_options(p: argparse.ArgumentParser) -> None:
+    from .experts.settings import KINDS, TrainSettings
+
+    d = TrainSettings()
+    p.add_argument("--kind", default=",".join(KINDS), help=f"comma list of: {', '.join(KINDS)}")
+    p.add_argument("--pairs", required=True, help="pairs to train on: ParaDetox TSV, JSONL, hf:<id>")
+    p.add_argument("--max-texts", type=int, default=d.max_texts, help="training pairs (texts per side)")
+    p.add_argument("--held-out", type=int, default=d.held_out, help="pairs kept out, for the held-out loss")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="blocks per step; GeDi: texts per step, half of each side",
+    )
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block (GeDi: per text)")
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate, decayed linearly to 0")
+    p.add_argument("--gen-weight", type=float, default=d.gen_weight, help="GeDi's generative loss share")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=None, help="adapters folder (default: the cache's experts/)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="held-out pairs per forward")
     p.add_argument("--out", default="runs/attribution", help="study folder (resumable)")
     p.set_defaults(command_name="attribute", generates=False)
+
+    experts = sub.add_parser("experts", help="small trained experts: LoRA adapters for DExperts, DAPT, GeDi")
+    p = experts.add_subparsers(dest="experts_command", required=True).add_parser(
+        "train", help="train LoRA adapters of the model on the sides of the pairs"
+    )
+    _add_model_options(p)
+    _add_expert_options(p)
+    from .experts.command import train
+
+    p.set_defaults(command_name="experts-train", generates=False, handler=train)
 
     p = sub.add_parser("evaluate", help="evaluate saved vectors on a prompt file")
     _add_model_options(p)

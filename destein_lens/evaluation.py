@@ -252,7 +252,8 @@ def samples_of(rows: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[
 def check_methods(
     methods: Sequence[MethodSpec], vectors: DetoxVectors | None, model: TransformerBridge | None = None
 ) -> None:
-    """Distinct names; steered methods have vectors (for this model) and heads within range."""
+    """Distinct names; steered methods have vectors (for this model), heads within range and what
+    else they need (`Form.check`)."""
     if len({m.name for m in methods}) != len(methods):
         raise DesteinError("method names must be distinct")
     steered = [m for m in methods if m.steering.steered]
@@ -264,6 +265,9 @@ def check_methods(
             vectors.check_compatible(model)
         for method in steered:
             head_mask(vectors, method.steering.heads, method.steering.form)
+    for name in {m.steering.form for m in steered} if model is not None else ():
+        if (check := get_form(name).check) is not None:
+            check(model)
 
 
 def check_prompts(model: TransformerBridge, prompts: Sequence[Prompt], config: EvalConfig) -> None:

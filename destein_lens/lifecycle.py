@@ -21,9 +21,10 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from . import distributed, models
 from .attribution.causal import causal_rankings
+from .dtypes import DtypeChoice, choose_dtype, write_record
 from .errors import DesteinError
 from .evaluation import BASELINE, EvalConfig, MethodSpec, check_prompts, prompts_sha, vectors_id
-from .models import DEFAULT_MODEL, check_device, check_model_name, model_shape, resolve_dtype
+from .models import DEFAULT_MODEL, check_device, check_model_name, model_shape
 from .pairs import SteeringPairs
 from .prompts import Prompt
 from .registry import get_form
@@ -42,16 +43,23 @@ class ModelSpec:
     dtype: str = "auto"
     generates: bool = True
     torch_dtype: torch.dtype | None = None
+    choice: DtypeChoice | None = None  # why `torch_dtype` (`dtypes.choose_dtype`)
 
     def check(self) -> None:
-        """The model's name, device and dtype, checked without loading; then join a launch (every
-        check before this point needs no model and is the same on every rank)."""
+        """The model's name, device and dtype, checked without loading (`auto` measured, or read
+        from the cache); then join a launch (every check before this point needs no model and is the
+        same on every rank)."""
         self.device = check_device(distributed.rank_device(self.device))
-        self.torch_dtype = resolve_dtype(self.dtype, self.device, generates=self.generates)
         check_model_name(self.name)
+        self.choice = choose_dtype(self.dtype, self.device, generates=self.generates, model=self.name)
+        self.torch_dtype = self.choice.torch_dtype
         distributed.setup()
 
-    def load(self, dtype: torch.dtype | None = None) -> TransformerBridge:
+    def load(self, dtype: torch.dtype | None = None, folder: str | Path | None = None) -> TransformerBridge:
+        """The model in `dtype` (default: the run's); with `folder`, rank 0 records there which dtype
+        the run generates in and why (`dtypes.write_record`)."""
+        if folder is not None and self.choice is not None and distributed.is_main():
+            write_record(folder, self.choice)
         # through the module: what a test (or a user) puts in `models.load_model` is what loads
         return models.load_model(self.name, device=self.device, dtype=dtype or self.torch_dtype)
 
@@ -202,7 +210,7 @@ def model_and_vectors(
     """
     path = Path(out) / VECTORS_FILE
     build = distributed.is_main() and not path.exists()
-    bridge = model.load(torch.float32 if build else None)
+    bridge = model.load(torch.float32 if build else None, folder=out)
     checks(bridge)
     built = None
     if build:

@@ -23,6 +23,7 @@ weights): a command line calls them before spending time on anything else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -123,40 +124,6 @@ def check_device(device: str | None) -> str:
     return str(parsed)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_dtype(name: str, device: str, *, generates: bool) -> torch.dtype:
-    """The dtype `--dtype name` means on `device`.
-
-    "auto" is bfloat16 for commands that generate where bfloat16 decodes faster (`fast_bfloat16`);
-    benchmarks/bench_roofline.py measured the main job's metrics unchanged within their noise.
-    float32 everywhere else, and always for what must be exact (vectors and probes are built in
-    float32 whatever the generation dtype).
-    """
-    if name not in DTYPES:
-        raise DesteinError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    if name == "float16" and torch.device(device).type == "cpu":
-        # Gemma's activations overflow float16's range: on CPU the logits turn NaN and decoding
-        # writes empty text. GPUs run it; CPUs take float32 or bfloat16.
-        raise DesteinError("--dtype float16 is not supported on cpu; use float32, bfloat16 or auto there")
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if generates and fast_bfloat16(device) else torch.float32
-
-
-def fast_bfloat16(device: str) -> bool:
-    """Whether bfloat16 decodes faster than float32 on `device`: CUDA with bf16, or a CPU with AMX
-    matrix units. AVX512-BF16 alone is not enough: there a decode step measured slower in bfloat16
-    than in float32 (`benchmarks/bench_roofline.py --decode`: 155 against 182 tokens/s at batch 32)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if kind == "cpu":
-        return torch.cpu._is_amx_tile_supported()
-    return False
-
-
 def check_model_name(name: str | Path | None) -> str:
     """The name `load_model` will load (None: the default), checked as far as it can be cheaply.
 
@@ -174,33 +141,87 @@ def check_model_name(name: str | Path | None) -> str:
     return name
 
 
-# Layers x heads of the named models, so head selections are checked before any load.
-KNOWN_SHAPES = {DEFAULT_MODEL: (18, 4), DEFAULT_HF_ID: (18, 4), "smollm2-135m": (30, 9)}
+@dataclass(frozen=True)
+class ModelDims:
+    """A model's shape as its files give it, before any load: head selections are checked against
+    it, and `dtypes` probes its matmul shapes."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
 
 
-def model_shape(name: str | Path | None) -> tuple[int, int] | None:
-    """(n_layers, n_heads) of `name` without loading it: a named model, a GGUF file's header or a
-    local Hugging Face folder's config.json. None for a hub id (knowing it needs the network)."""
+_GEMMA_DIMS = ModelDims(18, 4, 640, 2048, 262144)
+# The named models' shapes, so checks and the dtype probe need none of their files.
+KNOWN_DIMS = {
+    DEFAULT_MODEL: _GEMMA_DIMS,
+    DEFAULT_HF_ID: _GEMMA_DIMS,
+    "smollm2-135m": ModelDims(30, 9, 576, 1536, 49152),
+}
+
+
+def model_dims(name: str | Path | None, *, hub: bool = False) -> ModelDims | None:
+    """The shape of `name` without loading it: a named model, a GGUF file's header or a local
+    Hugging Face folder's config.json; a hub id's config.json only with `hub` (the network). None
+    where it cannot be read."""
     name = DEFAULT_MODEL if name is None else str(name)
     path = Path(name)
-    if name in KNOWN_SHAPES and not path.exists():
-        return KNOWN_SHAPES[name]
+    if name in KNOWN_DIMS and not path.exists():
+        return KNOWN_DIMS[name]
     try:
         if name.endswith(".gguf") and path.is_file():
-            from gguf import GGUFReader
+            return _gguf_dims(path)
+        if path.is_dir() or not hub:
+            return hf_config_dims(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        from transformers import AutoConfig
 
-            fields = GGUFReader(path).fields
-            arch = bytes(fields["general.architecture"].parts[-1]).decode()
-            return tuple(int(fields[f"{arch}.{key}"].parts[-1][0]) for key in _GGUF_SHAPE)  # type: ignore[return-value]
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        config = config.get("text_config", config)
-        return tuple(int(next(config[k] for k in keys if k in config)) for keys in _HF_SHAPE)  # type: ignore[return-value]
+        return hf_config_dims(AutoConfig.from_pretrained(name).to_dict())
     except (OSError, ValueError, KeyError, StopIteration, IndexError, TypeError):
         return None
 
 
-_GGUF_SHAPE = ("block_count", "attention.head_count")
-_HF_SHAPE = (("num_hidden_layers", "n_layer", "num_layers"), ("num_attention_heads", "n_head", "num_heads"))
+def model_shape(name: str | Path | None) -> tuple[int, int] | None:
+    """(n_layers, n_heads) of `name` without loading it (`model_dims`); None for a hub id."""
+    dims = model_dims(name)
+    return None if dims is None else (dims.n_layers, dims.n_heads)
+
+
+def hf_config_dims(config: dict[str, Any]) -> ModelDims:
+    """The shape a Hugging Face config describes (a multimodal one's text part); GPT-2 leaves its
+    MLP width unset, meaning 4 x d_model."""
+    config = config.get("text_config") or config
+    n_layers, n_heads, d_model, d_mlp, d_vocab = (
+        next((config[k] for k in keys if config.get(k) is not None), None) for keys in _HF_DIMS
+    )
+    return ModelDims(int(n_layers), int(n_heads), int(d_model), int(d_mlp or 4 * d_model), int(d_vocab))
+
+
+def _gguf_dims(path: Path) -> ModelDims:
+    stat = path.stat()
+    return _gguf_header_dims(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_header_dims(path: str, mtime_ns: int, size: int) -> ModelDims:
+    """Read once per file version: parsing a header with a 262k-token vocabulary takes seconds."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    n_layers, n_heads, d_model, d_mlp = (int(fields[f"{arch}.{key}"].parts[-1][0]) for key in _GGUF_DIMS)
+    return ModelDims(n_layers, n_heads, d_model, d_mlp, len(fields["tokenizer.ggml.tokens"].data))
+
+
+_GGUF_DIMS = ("block_count", "attention.head_count", "embedding_length", "feed_forward_length")
+_HF_DIMS = (
+    ("num_hidden_layers", "n_layer", "num_layers"),
+    ("num_attention_heads", "n_head", "num_heads"),
+    ("hidden_size", "n_embd", "d_model"),
+    ("intermediate_size", "n_inner", "ffn_dim"),
+    ("vocab_size",),
+)
 
 
 def load_model(
@@ -259,6 +280,23 @@ def load_model(
         versions=_versions(),
     )
     return bridge
+
+
+def load_plain_model(record: LoadRecord, device: str) -> Any:
+    """A second, plain Hugging Face copy of the weights `record` describes, in its dtype, in eval mode.
+
+    The bridge wraps its own HF model's Linear layers in place, so what needs untouched HF modules
+    (peft's LoRA adapters, `experts`) gets this copy: the dequantised cache entry of a GGUF source
+    (`load_model` built it), else the hub id or folder the bridge was loaded from.
+    """
+    from .catalog import NAMED_MODELS
+
+    if record.file_sha256 is not None:
+        source = str(gguf_entry_dir(record.file_sha256))
+    else:
+        source = NAMED_MODELS[record.name].hub_id if record.name in NAMED_MODELS else record.name
+    hf_model, _ = _load_hf(source, getattr(torch, record.dtype))
+    return hf_model.to(device).eval()
 
 
 def _versions() -> tuple[tuple[str, str], ...]:

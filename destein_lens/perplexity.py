@@ -1,7 +1,11 @@
 """Conditional perplexity of continuations given their prompts, under a reference model.
 
-Only the continuation positions are unembedded (`logits_to_keep`): with a 262k-token vocabulary,
-logits for every position of a batch cost gigabytes and most of the time.
+A continuation's tokens are those that prompt + continuation tokenises to beyond the prompt's own
+token count (a token merged across the join counts as the continuation's). The pass is cut to what
+the answer needs: each distinct prefix (a prompt's samples share one) runs once and its KV cache
+is shared by all of its continuations, so their pass covers the continuation tokens only; only those positions are unembedded (262k vocabulary on the default
+model), and the cross-entropy runs over the contiguous vocabulary axis a few rows at a time (a
+log-softmax over a transposed [rows, vocab, tokens] view cost as much as the unembedding itself).
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
 
 from .errors import DesteinError
+
+_CE_ROWS = 8  # rows whose logits go to float32 at once: bounds the copy of [rows, tokens, vocab]
 
 
 @torch.no_grad()
@@ -26,29 +33,74 @@ def conditional_perplexity(
     """exp(mean NLL of the continuation's tokens given the prompt), one per pair; NaN if empty."""
     if len(prompts) != len(continuations):
         raise DesteinError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    tokenizer = model.tokenizer
-    device = model.cfg.device
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        batch_p, batch_c = prompts[i : i + batch_size], continuations[i : i + batch_size]
-        prompt_lens = torch.tensor([len(ids) for ids in tokenizer(list(batch_p)).input_ids])
-        enc = tokenizer(
-            [p + c for p, c in zip(batch_p, batch_c)], return_tensors="pt", padding=True, padding_side="left"
-        )
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        cont_lens = (enc.attention_mask.sum(-1) - prompt_lens).clamp_min(0)
-        keep = int(cont_lens.max()) + 1
-        logits = model(ids, attention_mask=mask, logits_to_keep=keep)[:, -keep:-1].float()
-        targets = ids[:, -keep + 1 :] if keep > 1 else ids[:, :0]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu()
-        # Left padding right-aligns every row: its continuation is its last cont_len targets.
-        offsets = torch.arange(keep - 1).flip(0)  # distance of each target from the end
-        in_cont = offsets[None, :] < cont_lens[:, None]
-        counts = in_cont.sum(-1)
-        mean_nll = (nll * in_cont).sum(-1) / counts.clamp_min(1)
-        ppl = torch.where(counts > 0, mean_nll.exp(), torch.full_like(mean_nll, float("nan")))
-        out.extend(ppl.tolist())
+        out.extend(_batch_perplexity(model, prompts[i : i + batch_size], continuations[i : i + batch_size]))
     return out
+
+
+def _batch_perplexity(
+    model: TransformerBridge, prompts: Sequence[str], continuations: Sequence[str]
+) -> list[float]:
+    tokenizer = model.tokenizer
+    joined = tokenizer([p + c for p, c in zip(prompts, continuations)]).input_ids
+    alone = tokenizer(list(prompts)).input_ids
+    heads = [tuple(ids[: len(a)]) for ids, a in zip(joined, alone)]
+    tails = [ids[len(a) :] for ids, a in zip(joined, alone)]
+    distinct = {head: n for n, head in enumerate(dict.fromkeys(heads))}
+    which = torch.tensor([distinct[h] for h in heads], device=model.cfg.device)
+    lengths = torch.tensor([len(t) for t in tails])
+    width = int(lengths.max())
+    if width == 0:
+        return [float("nan")] * len(tails)
+    pad = tokenizer.pad_token_id
+    prefix_ids, prefix_mask = _padded(list(distinct), pad, left=True, device=model.cfg.device)
+    logits, cache = model(
+        prefix_ids,
+        attention_mask=prefix_mask,
+        past_key_values=DynamicCache(),
+        return_type="logits_and_cache",
+        logits_to_keep=1,
+    )
+    targets, _ = _padded(tails, pad, left=False, device=model.cfg.device)
+    nll = _nll(logits[which], targets[:, :1])  # each continuation's first token, after its prefix
+    if width > 1:
+        cache.reorder_cache(which)  # every row its prefix's keys and values
+        ids, mask = _padded(
+            [t[:-1] for t in tails], pad, left=False, device=model.cfg.device, width=width - 1
+        )
+        logits = model(ids, attention_mask=torch.cat([prefix_mask[which], mask], 1), past_key_values=cache)
+        nll = torch.cat([nll, _nll(logits, targets[:, 1:])], 1)
+    counted = torch.arange(width)[None, :] < lengths[:, None]
+    mean = nll.masked_fill(~counted, 0.0).sum(-1) / lengths.clamp_min(1)
+    return torch.where(lengths > 0, mean.exp(), torch.full_like(mean, float("nan"))).tolist()
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per [row, position], in float32, on the CPU: a few rows at a
+    time, each a fused cross-entropy over the contiguous vocabulary axis."""
+    out = []
+    for i in range(0, len(logits), _CE_ROWS):
+        chunk = logits[i : i + _CE_ROWS]
+        nll = F.cross_entropy(
+            chunk.flatten(0, 1).float(), targets[i : i + _CE_ROWS].flatten(), reduction="none"
+        )
+        out.append(nll.view(chunk.shape[:2]).cpu())
+    return torch.cat(out)
+
+
+def _padded(
+    rows: Sequence[Sequence[int]], pad: int, *, left: bool, device: str, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded to `width` (default: the longest) on one side, with their attention mask."""
+    width = max(map(len, rows)) if width is None else width
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, row in enumerate(rows):
+        at = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[n, at] = torch.tensor(row, dtype=torch.long)
+        mask[n, at] = 1
+    return ids.to(device), mask.to(device)
 
 
 def perplexity_from_steps(

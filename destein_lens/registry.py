@@ -123,7 +123,8 @@ class Form:
     `fit` computes the form's `FitState` (of class `state`) from the steering pairs
     (`build_vectors` stores it); `default_heads(n_layers, n_heads)` is the head selection `compare`
     uses; `compared` says whether `compare` runs it by default; `needs_vectors` is False for a
-    method that steers without detox vectors.
+    method that steers without detox vectors; `check(model)` refuses, before any generation, what
+    the method needs beyond vectors and lacks for this model (a trained adapter).
     """
 
     name: str
@@ -138,6 +139,7 @@ class Form:
     default_heads: Callable[[int, int], str | int] = _all_heads
     compared: bool = True
     needs_vectors: bool = True
+    check: Callable[[TransformerBridge], None] | None = None
 
     def __post_init__(self) -> None:
         if (self.fit is None) != (self.state is None):

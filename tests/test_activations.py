@@ -55,3 +55,17 @@ def test_real_shapes_and_batching(real_model, site, width) -> None:
     assert batched.shape == (3, 18, 4, width)
     single = text_activations(real_model, TEXTS[1:2], site=site)
     assert torch.allclose(batched[1], single[0], atol=1e-4)
+
+
+def test_pooled_hooks_equal_a_full_forward(tiny_model) -> None:
+    """Only the last position is unembedded while caching (`logits_to_keep=1`): the hooks are
+    those of a plain forward's cache, whatever stops early."""
+    from destein_lens.activations import hook_activations
+
+    name = "blocks.1.attn.hook_z"
+    tokens = tiny_model.tokenizer(TEXTS[:1], return_tensors="pt").input_ids
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n == name)
+    want = cache[name][0, -4:].flatten(-2).mean(0)
+    assert torch.allclose(hook_activations(tiny_model, TEXTS[:1], [name], k=4)[0, 0], want, atol=1e-6)
+    early = hook_activations(tiny_model, TEXTS[:1], ["blocks.0.hook_resid_post"], k=4, stop_at_layer=1)
+    assert early.shape == (1, 1, 64)

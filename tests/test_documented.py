@@ -34,6 +34,7 @@ SMALL = {  # per subcommand: what keeps it to seconds on the tiny model
     "attribute": ["--k", "4", "--n-held-out", "2", "--max-prompts", "1", "--samples", "1"],
     "figures": ["--quick"],
     "generate": ["--max-new-tokens", "3"],
+    "experts": ["--kind", "expert", "--max-texts", "8", "--held-out", "4", "--batch-size", "2"],
 }
 
 
@@ -139,7 +140,9 @@ def test_every_documented_option_exists() -> None:
         name = _subcommand(words) if words else None
         if name is None:
             continue
-        sub = subparsers["pairs"]._actions[-1].choices["induce"] if name == "induce" else subparsers[name]
+        nested = {"induce": ("pairs", "induce"), "experts": ("experts", "train")}  # subcommands' own
+        parent, child = nested.get(name, (name, None))
+        sub = subparsers[parent] if child is None else subparsers[parent]._actions[-1].choices[child]
         accepted = {s for a in sub._actions for s in a.option_strings}
         missing = [o for o in _named_options(rest) if o not in accepted]
         assert not missing, f"{line!r} names options {name} does not take: {missing}"

@@ -32,19 +32,58 @@ def vectors(tiny_model):
     return build_vectors(tiny_model, builtin_seed_pairs().head(20), k=4, progress=False)
 
 
-def test_perplexity_matches_full_forward(tiny_model) -> None:
-    prompts, conts = ["You are", "The weather today is"], [" a kind person", " nice"]
-    got = conditional_perplexity(tiny_model, prompts, conts)
-    for p, c, ppl in zip(prompts, conts, got):
-        n_prompt = len(tiny_model.tokenizer(p).input_ids)
-        ids = tiny_model.tokenizer(p + c, return_tensors="pt").input_ids
-        logp = tiny_model(ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-        expected = torch.exp(-logp[n_prompt - 1 :].mean()).item()
-        assert ppl == pytest.approx(expected, rel=1e-4)
-    assert (
-        conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
-        != conditional_perplexity(tiny_model, ["Hello there"], [""])[0]
-    )  # NaN for an empty continuation
+def _full_forward_perplexity(model, prompt: str, continuation: str) -> float:
+    """The plain formula: one unpadded forward over prompt + continuation, the continuation's
+    tokens being those beyond the prompt's own token count; NaN if there are none."""
+    n_prompt = len(model.tokenizer(prompt).input_ids)
+    ids = model.tokenizer(prompt + continuation, return_tensors="pt").input_ids
+    if ids.shape[1] <= n_prompt:
+        return float("nan")
+    with torch.no_grad():
+        logp = model(ids).float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return torch.exp(-logp[n_prompt - 1 :].double().mean()).item()
+
+
+# Prompts shared by several continuations (a prompt's samples share its KV cache), one ending inside
+# a word so the join merges, an empty and a one-token continuation, and rows of other lengths.
+PPL_CASES = [
+    ("You are", " a kind person"),
+    ("The weather today is", " nice"),
+    ("You are", " such an idiot, you know that"),
+    ("The weath", "er today is nice"),
+    ("Hello there", ""),
+    ("You are", "!"),
+    ("I hate", "s and more hate and more"),
+    ("The weather today is", " nice"),
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_perplexity_matches_full_forward(tiny_model, batch_size: int) -> None:
+    prompts, conts = zip(*PPL_CASES)
+    got = conditional_perplexity(tiny_model, prompts, conts, batch_size=batch_size)
+    want = [_full_forward_perplexity(tiny_model, p, c) for p, c in PPL_CASES]
+    assert got == pytest.approx(want, rel=1e-5, nan_ok=True)
+    assert got[4] != got[4]  # NaN for an empty continuation
+    tok = tiny_model.tokenizer
+    merged = [tok(p + c).input_ids[: len(tok(p).input_ids)] != tok(p).input_ids for p, c in PPL_CASES]
+    assert any(merged)  # the join merges somewhere: the prefix is then the joint text's own tokens
+
+
+@pytest.mark.real
+def test_perplexity_matches_full_forward_real(real_model) -> None:
+    """On gemma-3-270m (262k vocabulary), float32: the KV-cached pass against one forward per row."""
+    cases = [
+        ("The city council met on Tuesday to discuss", " the new parking rules for the old town"),
+        ("The city council met on Tuesday to discuss", " whether to fire the mayor"),
+        ("She opened the letter and", " read it twice before she called her sister."),
+        ("He said", ""),
+        ("He said", " no"),
+    ]
+    prompts, conts = zip(*cases)
+    got = conditional_perplexity(real_model, prompts, conts)
+    want = [_full_forward_perplexity(real_model, p, c) for p, c in cases]
+    assert got == pytest.approx(want, rel=1e-3, nan_ok=True)
 
 
 def _steps_against_pass(model, prompts: list[str], rel: float) -> int:

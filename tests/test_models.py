@@ -206,21 +206,6 @@ def test_second_architecture_loads_offline_and_steers() -> None:
     assert not torch.allclose(steered, unsteered, atol=1e-3)
 
 
-def test_dtype_names_resolve_and_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    from destein_lens.models import resolve_dtype
-
-    with pytest.raises(DesteinError, match="float16 is not supported on cpu"):
-        resolve_dtype("float16", "cpu", generates=True)
-    assert resolve_dtype("float32", "cpu", generates=True) is torch.float32
-    assert resolve_dtype("auto", "cpu", generates=False) is torch.float32  # vectors, attribution
-    monkeypatch.setattr(models_module, "fast_bfloat16", lambda device: True)
-    assert resolve_dtype("auto", "cpu", generates=True) is torch.bfloat16
-    monkeypatch.setattr(models_module, "fast_bfloat16", lambda device: False)
-    assert resolve_dtype("auto", "cpu", generates=True) is torch.float32
-    with pytest.raises(DesteinError, match="unknown dtype 'float64'"):
-        resolve_dtype("float64", "cpu", generates=True)
-
-
 @pytest.mark.real
 def test_bfloat16_generation_steers_with_float32_vectors(real_model) -> None:
     """Vectors from the float32 model steer the bfloat16 one: the hooks cast, the text changes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recorded import recorded_logits
 
 from destein_lens import SteeringConfig, steer
 from destein_lens.compare import compare
@@ -53,17 +54,7 @@ def test_each_step_is_the_formula_of_two_full_forwards(tiny_model, tiny_vectors,
     plain and the toxic-prefixed texts run whole, alone."""
     toxic, _ = tiny_vectors.prefixes
     strength = STRENGTHS[form]
-    seen: list[torch.Tensor] = []
-    with steer(tiny_model, tiny_vectors, SteeringConfig(alpha=strength, form=form)):
-        (processor,) = active_processors()
-        rewrite = processor.logits
-
-        def record(logits: torch.Tensor) -> torch.Tensor:
-            seen.append(rewrite(logits))
-            return seen[-1]
-
-        processor.logits = record
-        new = generate_ids(tiny_model, TEXTS, SamplingConfig(do_sample=False, max_new_tokens=4))
+    seen, new = recorded_logits(tiny_model, tiny_vectors, SteeringConfig(alpha=strength, form=form), TEXTS)
     for step in (0, 3):
         for row, text in enumerate(TEXTS):
             plain = _last_logits(tiny_model, text, new[row, :step])

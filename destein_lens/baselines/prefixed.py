@@ -106,6 +106,14 @@ class PrefixContrast:
         (self._prefixed,) = self._rows.advance(tokens)
 
 
+def check_every_step(config: SteeringConfig) -> None:
+    """A decoding-time method acts on every step's distribution: it takes positions='all' only."""
+    if config.positions != "all":
+        raise DesteinError(
+            f"{config.form} rewrites the next-token distribution of every step: it takes positions='all'"
+        )
+
+
 def contrast_build(combine: Combine) -> BuildSteering:
     """The `Form.build` of a prefix-contrast method: one `PrefixContrast` behind the vectors' toxic
     prefix at the configured strength, no hooks."""
@@ -117,10 +125,7 @@ def contrast_build(combine: Combine) -> BuildSteering:
         mask: torch.Tensor,
         prompts: Sequence[str] | None,
     ) -> Steering:
-        if config.positions != "all":
-            raise DesteinError(
-                f"{config.form} rewrites the next-token distribution of every step: it takes positions='all'"
-            )
+        check_every_step(config)
         toxic, _ = vectors.prefixes
         return Steering(processors=[PrefixContrast(model, toxic, combine, config.alpha)])
 
