@@ -3,9 +3,10 @@
 A continuation's tokens are those that prompt + continuation tokenises to beyond the prompt's own
 token count (a token merged across the join counts as the continuation's). The pass is cut to what
 the answer needs: each distinct prefix (a prompt's samples share one) runs once and its KV cache
-is shared by all of its continuations, so their pass covers the continuation tokens only; only those positions are unembedded (262k vocabulary on the default
-model), and the cross-entropy runs over the contiguous vocabulary axis a few rows at a time (a
-log-softmax over a transposed [rows, vocab, tokens] view cost as much as the unembedding itself).
+is shared by all of its continuations, so their pass covers the continuation tokens only; only
+those positions are unembedded (262k vocabulary on the default model), and the cross-entropy runs
+over the contiguous vocabulary axis a few rows at a time (a log-softmax over a transposed
+[rows, vocab, tokens] view cost as much as the unembedding itself).
 """
 
 from __future__ import annotations
