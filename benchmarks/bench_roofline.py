@@ -28,7 +28,9 @@ functions, and each run's metrics side by side. Now runs twice: with its default
 printed) and with the other of float32 and bfloat16, so the speedup of the code and of the dtype,
 and the metrics' change with the dtype against their bootstrap intervals, are read apart. Each
 run's steered cell is timed against its baseline cell (the unsteered model's perplexity comes free
-from the baseline's decoding steps; the steered cell's needs its own pass).
+from the baseline's decoding steps; the steered cell's needs its own pass). With `--rounds N` the
+three configurations run N times, interleaved, and medians count: on a shared machine the load
+moves within one run, and a configuration timed only while it was high looks slow.
 
 On a small machine shared with other work, two threads stall on each other whenever one is
 descheduled (a 0.3 ms matmul then takes 5 to 8 ms), which inflates step and bound alike at 2
@@ -238,9 +240,10 @@ STAGES = ("probe", "load", "vectors", "decode", "perplexity", "scoring", "detoke
 METRICS = ("expected_max_toxicity", "toxicity_probability", "perplexity")
 
 
-def main_job(base: str, extra: Sequence[str]) -> dict:
+def main_job(base: str, extra: Sequence[str], rounds: int = 1) -> dict:
     """The main job at `base` and now (auto dtype, and the dtype auto did not pick), one after the
-    other: stages, cells and metrics."""
+    other, `rounds` times interleaved: each configuration's medians of stages, cells and wall time,
+    the median of its per-run steered/baseline ratio, and its metrics (the same in every round)."""
     repo = Path(__file__).resolve().parents[1]
     root = Path(tempfile.mkdtemp(prefix="bench_roofline_"))
     worktree = root / "base"
@@ -248,46 +251,32 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
     runs = {  # `python -c` imports the package from its working directory first
         f"base {base}": (worktree, []),
         "now (auto)": (repo, []),
-        "now, the other dtype": (repo, None),  # the one auto did not pick
+        "now, other": (repo, None),  # the dtype auto did not pick
     }
-    results = {}
+    every: dict[str, list[dict]] = {name: [] for name in runs}
     try:
-        for name, (cwd, flags) in runs.items():
-            if flags is None:
-                flags = ["--dtype", "float32" if results["now (auto)"]["dtype"] == "bfloat16" else "bfloat16"]
-            timing, out = root / f"{len(results)}.json", root / f"run{len(results)}"
-            argv = [sys.executable, "-c", STAGE_DRIVER, str(timing), "run", *extra, *flags, "--out", str(out)]
-            t = time.perf_counter()
-            subprocess.run(argv, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
-            wall = time.perf_counter() - t
-            stages = json.loads(timing.read_text())
-            stages["other"] = stages["total"] - sum(stages.get(k, 0.0) for k in STAGES)
-            metrics = json.loads((out / "metrics.json").read_text())
-            cells = stages.pop("cells")
-            results[name] = {
-                "wall_s": round(wall, 1),
-                "package": stages.pop("package"),
-                "stages_s": {k: round(v, 1) for k, v in stages.items()},
-                "cells_s": {k: round(v, 1) for k, v in cells.items()},
-                "steered_over_baseline": round(cells["destein"] / cells["baseline"], 3),
-                "dtype": metrics["config"]["model"]["dtype"],
-                "dtype_record": _read_json(out / "dtype.json"),
-                "metrics": {
-                    method: {k: metrics[method][k] for k in METRICS}
-                    | {f"{k}_ci": metrics[method].get(f"{k}_ci") for k in METRICS}
-                    for method in ("baseline", "destein")
-                },
-            }
-            print(f"{name}: {wall:.1f} s wall ({results[name]['package']})", flush=True)
+        for _ in range(rounds):
+            for name, (cwd, flags) in runs.items():
+                if flags is None:
+                    auto = every["now (auto)"][0]["dtype"]
+                    flags = ["--dtype", "float32" if auto == "bfloat16" else "bfloat16"]
+                every[name].append(
+                    _run_main_job(cwd, [*extra, *flags], root / f"run{sum(map(len, every.values()))}")
+                )
+                print(
+                    f"{name}: {every[name][-1]['wall_s']:.1f} s wall ({every[name][-1]['package']})",
+                    flush=True,
+                )
     finally:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(worktree)], check=False)
         shutil.rmtree(root, ignore_errors=True)
+    results = {name: _medians(done) for name, done in every.items()}
     names = list(results)
     print(f"{'stage (s)':<12}" + "".join(f"{n:>18}" for n in names))
     for stage in (*STAGES, "other", "total"):
         print(f"{stage:<12}" + "".join(f"{results[n]['stages_s'].get(stage, 0.0):>18.1f}" for n in names))
     print(f"{'wall':<12}" + "".join(f"{results[n]['wall_s']:>18.1f}" for n in names))
-    for cell in results[names[0]]["cells_s"]:
+    for cell in dict.fromkeys(c for n in names for c in results[n]["cells_s"]):  # every run's cells
         print(
             f"{'cell ' + cell:<12}" + "".join(f"{results[n]['cells_s'].get(cell, 0.0):>18.1f}" for n in names)
         )
@@ -303,6 +292,47 @@ def main_job(base: str, extra: Sequence[str]) -> dict:
             emt, tp, ppl = (f"{m[k]:.3f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in METRICS)
             print(f"{method:<9} {n:<20} EMT {emt}  TP {tp}  PPL {ppl}")
     return results
+
+
+def _run_main_job(cwd: Path, argv: Sequence[str], out: Path) -> dict:
+    """One `destein-lens run` in a fresh process from `cwd`'s package, its stages and cells timed."""
+    timing = out.with_suffix(".json")
+    command = [sys.executable, "-c", STAGE_DRIVER, str(timing), "run", *argv, "--out", str(out)]
+    t = time.perf_counter()
+    subprocess.run(command, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    stages = json.loads(timing.read_text())
+    stages["other"] = stages["total"] - sum(stages.get(k, 0.0) for k in STAGES)
+    metrics = json.loads((out / "metrics.json").read_text())
+    cells = stages.pop("cells")
+    return {
+        "wall_s": round(wall, 1),
+        "package": stages.pop("package"),
+        "loadavg": round(os.getloadavg()[0], 2),
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "cells_s": {k: round(v, 1) for k, v in cells.items()},
+        "steered_over_baseline": round(cells["destein"] / cells["baseline"], 3),
+        "dtype": metrics["config"]["model"]["dtype"],
+        "dtype_record": _read_json(out / "dtype.json"),
+        "metrics": {
+            method: {k: metrics[method][k] for k in METRICS}
+            | {f"{k}_ci": metrics[method].get(f"{k}_ci") for k in METRICS}
+            for method in ("baseline", "destein")
+        },
+    }
+
+
+def _medians(runs: Sequence[dict]) -> dict:
+    """One configuration's runs as one: medians of the timings, the first run's metrics, every wall time."""
+    median = lambda values: round(statistics.median(values), 3)  # noqa: E731
+    return {
+        **runs[0],
+        "wall_s": median([r["wall_s"] for r in runs]),
+        "stages_s": {k: median([r["stages_s"].get(k, 0.0) for r in runs]) for k in runs[0]["stages_s"]},
+        "cells_s": {k: median([r["cells_s"][k] for r in runs]) for k in runs[0]["cells_s"]},
+        "steered_over_baseline": median([r["steered_over_baseline"] for r in runs]),
+        "runs": [{k: r[k] for k in ("wall_s", "loadavg", "cells_s", "steered_over_baseline")} for r in runs],
+    }
 
 
 def _read_json(path: Path) -> dict | None:
@@ -326,6 +356,9 @@ def main() -> None:
     parser.add_argument("--main-job", action="store_true", help="part B only")
     parser.add_argument("--base", default=BASE, help=f"the revision to compare the main job with ({BASE})")
     parser.add_argument("--max-prompts", type=int, default=None, help="main job on fewer demo prompts")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="main job: every configuration this many times, interleaved"
+    )
     args = parser.parse_args()
     both = not (args.decode or args.main_job)
 
@@ -336,7 +369,7 @@ def main() -> None:
         )
     if args.main_job or both:
         extra = [] if args.max_prompts is None else ["--max-prompts", str(args.max_prompts)]
-        out["main_job"] = main_job(args.base, extra)
+        out["main_job"] = main_job(args.base, extra, args.rounds)
     out["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(out))
 
