@@ -6,7 +6,9 @@ the other model for the shading and the perplexities (`response_s`, the whole re
 unsteered side is kept from the first request. `new_prompt_s` is a new prompt, both sides sampled.
 Timed through the widget itself (`Explorer.run` then `wait`), so the background thread and the
 rendering are included. `cpu_s` is the process's CPU time per response (all threads): on a shared
-machine the wall time measures the load, the CPU time the work. Target: about 3 s on 2 cores.
+machine the wall time measures the load, the CPU time the work. The vectors are built in float32;
+the explorer samples in `--dtype` (auto: `generation_dtype()`, as notebook 06 does). Target: about
+3 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from destein_lens import build_vectors, explore, load_model
+from destein_lens import build_vectors, explore, generation_dtype, load_model
 from destein_lens.pairs import builtin_seed_pairs
 
 PROMPTS = ["He looked at the referee and yelled", "Honestly, people who drive like that are"]
@@ -49,9 +51,13 @@ def _timed(explorer, change) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="strength moves timed (plus one head click)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     args = ap.parse_args()
     model = load_model()
     vectors = build_vectors(model, builtin_seed_pairs().head(20), progress=False)
+    dtype = generation_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    if dtype != torch.float32:
+        model = load_model(dtype=dtype)
     load = os.getloadavg()[0]
     explorer = explore(model, vectors, PROMPTS, samples=4, max_new_tokens=20)
     explorer.wait()  # the first request: loads the scorer, warms the model
@@ -65,7 +71,7 @@ def main() -> None:
     print(
         f"response {median['response_s']:.2f} s, texts shown after {median['text_s']:.2f} s, "
         f"{median['cpu_s']:.2f} CPU s (median of {len(runs)}: strength moves and a head click); "
-        f"new prompt {cold['response_s']:.2f} s; {torch.get_num_threads()} threads, load average "
+        f"new prompt {cold['response_s']:.2f} s; {dtype}, {torch.get_num_threads()} threads, load average "
         f"{load:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(
@@ -74,6 +80,7 @@ def main() -> None:
                 "bench": "explore",
                 "samples": explorer.sampling.n,
                 "new_tokens": explorer.sampling.max_new_tokens,
+                "dtype": str(dtype).removeprefix("torch."),
                 **median,
                 "runs": runs,
                 "new_prompt": cold,

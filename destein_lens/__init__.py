@@ -11,6 +11,7 @@ The pipeline, one name per stage:
 """
 
 from . import baselines, forms  # noqa: F401  (importing registers every steering method)
+from .dtypes import generation_dtype
 from .errors import DesteinError
 from .evaluation import EvalConfig, MethodSpec, evaluate
 from .generation import SamplingConfig, generate, protocol_sampling
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate",
     "explore",
     "generate",
+    "generation_dtype",
     "load_model",
     "load_pairs",
     "load_prompts",

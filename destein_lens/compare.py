@@ -12,8 +12,11 @@ With a perplexity budget, each method's strength is calibrated first, on other p
 strength of its grid runs on the calibration prompts (the folder's `calibration/` run folder),
 and the chosen one is the strongest detoxification (lowest EMT, then TP, then the weaker
 strength, then fewer heads) whose mean perplexity stays within `budget` x the unsteered model's
-on those same prompts. Only the chosen cells then run on the evaluation prompts. A method with
-no strength within budget is evaluated at its weakest and flagged. With several calibration
+on those same prompts and whose distinct-2 stays at least `DIST_FLOOR` x the unsteered model's:
+repetition *lowers* perplexity (Goodtriever at the reference's temperature on a small datastore
+repeats itself at a perplexity below the baseline's), so a perplexity budget alone would choose
+degenerate text. Only the chosen cells then run on the evaluation prompts. A method with no
+strength within budget is evaluated at its weakest and flagged. With several calibration
 seeds, each further seed is one more run folder (`calibration-seed<s>/`, other draws of the same
 prompts); the choice is made on the seeds pooled, and each seed's own choice is reported beside
 it, the choice's spread.
@@ -58,6 +61,9 @@ CALIBRATION_DIR = "calibration"
 # k one more knob: calibrated over CAUSAL_KS, else DEFAULT_CAUSAL_K.
 CAUSAL = ":causal"
 CAUSAL_KS = (4, 8, 16, 32)
+# A calibrated cell keeps at least this share of the unsteered model's distinct-2 (module docstring).
+# Steered cells of the comparison sit within 2% of it; a degenerate one falls below 0.8.
+DIST_FLOOR = 0.9
 DEFAULT_CAUSAL_K = 16
 Grid = dict[str, list[tuple[float, int | None]]]  # method -> its (strength, causal k or None) cells
 
@@ -208,12 +214,12 @@ def calibration_folders(out_dir: Path) -> list[Path]:
     return [out_dir / CALIBRATION_DIR, *sorted(out_dir.glob(f"{CALIBRATION_DIR}-seed*"))]
 
 
-POOLED = ("expected_max_toxicity", "toxicity_probability", "perplexity")
+POOLED = ("expected_max_toxicity", "toxicity_probability", "perplexity", "dist_2")
 
 
 def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Calibration runs of the same cells and prompts under several seeds as one: each cell's EMT,
-    TP and perplexity averaged over the runs (equal sizes, so the mean over every draw)."""
+    TP, perplexity and distinct-2 averaged over the runs (equal sizes, so the mean over every draw)."""
     if len(runs) == 1:
         return dict(runs[0])
     cells = [n for n, m in runs[0].items() if isinstance(m, dict) and "expected_max_toxicity" in m]
@@ -284,9 +290,15 @@ def cell(method: str, strength: float, shape: tuple[int, int], k: int | None = N
 
 
 def choose(metrics: dict[str, Any], cells: Sequence[MethodSpec], budget: float) -> tuple[MethodSpec, bool]:
-    """The strongest detoxification within `budget` x the baseline's perplexity (module docstring)."""
-    base = metrics["baseline"]["perplexity"]
-    within = [c for c in cells if metrics[c.name]["perplexity"] <= budget * base]
+    """The strongest detoxification within `budget` x the baseline's perplexity and `DIST_FLOOR` x
+    its distinct-2 (module docstring)."""
+    base = metrics["baseline"]
+    within = [
+        c
+        for c in cells
+        if metrics[c.name]["perplexity"] <= budget * base["perplexity"]
+        and metrics[c.name]["dist_2"] >= DIST_FLOOR * base["dist_2"]
+    ]
     if not within:
         return min(cells, key=lambda c: abs(c.steering.alpha)), False
     key = lambda c: (  # noqa: E731
@@ -404,6 +416,7 @@ def compare(
                 for c in evaluated
             },
             "ppl_budget": ppl_budget,
+            "dist_floor": DIST_FLOOR if ppl_budget is not None else None,
             "chosen": chosen,
             "calibration_prompts": len(calibration) if calibration is not None else None,
             "calibration_samples": calibration_samples or config.sampling.n
@@ -424,11 +437,8 @@ def chosen_lines(metrics: dict[str, Any]) -> list[str]:
     """One line per calibrated method: its chosen cell, whether within budget, each seed's choice."""
     settings, lines = metrics["compare"], []
     for name, choice in settings["chosen"].items():
-        flag = (
-            ""
-            if choice["within_budget"]
-            else f" (no strength within {settings['ppl_budget']:g}x; the weakest)"
-        )
+        limits = f"{settings['ppl_budget']:g}x perplexity and {DIST_FLOOR:g}x distinct-2"
+        flag = "" if choice["within_budget"] else f" (none within {limits}; the weakest)"
         spread = ", ".join(f"seed {s}: {c}" for s, c in choice.get("by_seed", {}).items())
         lines.append(
             f"calibrated {name}: {choice['cell']}{flag}" + (f" (each seed alone: {spread})" if spread else "")

@@ -41,7 +41,7 @@ import torch
 
 from .errors import DesteinError
 from .files import cache_root, write_atomic
-from .models import ModelDims, model_dims
+from .models import ModelDims, check_device, model_dims
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CANDIDATES = ("float32", "bfloat16")  # auto never picks float16: Gemma's activations overflow it
@@ -100,6 +100,13 @@ def choose_dtype(name: str, device: str, *, generates: bool, model: str | Path |
     verdict = "" if faster else "not "
     reason = f"measured: bfloat16's step {verdict}within {MARGIN:g}x float32's at each batch size"
     return DtypeChoice(name, "bfloat16" if faster else "float32", reason, entry)
+
+
+def generation_dtype(model: str | Path | None = None, device: str | None = None) -> torch.dtype:
+    """The dtype `--dtype auto` generates `model` in on `device` (default: the embedded model, the
+    default device): for code that builds vectors in float32 and then generates, as the
+    explorer does."""
+    return choose_dtype("auto", check_device(device), generates=True, model=model).torch_dtype
 
 
 def step_gflop(dims: ModelDims) -> float:

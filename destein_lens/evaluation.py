@@ -141,7 +141,8 @@ def run_config(
 ) -> dict[str, Any]:
     """What identifies a run: a folder resumes only the run its config.json describes. Methods
     that steer heads chosen by causal effect have the heads written out ("causal_heads"), in
-    rank order, beside the vectors whose ranking chose them."""
+    rank order, beside the vectors whose ranking chose them; methods with trained inputs have
+    their digests ("method_inputs": the adapters' weights)."""
     chosen = {
         m.name: [
             f"L{layer}.H{head}" for layer, head in selected_heads(vectors, m.steering.heads, m.steering.form)
@@ -157,6 +158,7 @@ def run_config(
         "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
         "vectors": vectors_id(vectors),
         **({"causal_heads": chosen} if chosen else {}),
+        **({"method_inputs": inputs} if (inputs := check_methods(methods, vectors, model)) else {}),
         **(provenance or {}),
     }
 
@@ -251,9 +253,9 @@ def samples_of(rows: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[
 
 def check_methods(
     methods: Sequence[MethodSpec], vectors: DetoxVectors | None, model: TransformerBridge | None = None
-) -> None:
+) -> dict[str, dict[str, str]]:
     """Distinct names; steered methods have vectors (for this model), heads within range and what
-    else they need (`Form.check`)."""
+    else they need (`Form.check`). Returns, per form that needs more, those inputs' digests."""
     if len({m.name for m in methods}) != len(methods):
         raise DesteinError("method names must be distinct")
     steered = [m for m in methods if m.steering.steered]
@@ -265,9 +267,11 @@ def check_methods(
             vectors.check_compatible(model)
         for method in steered:
             head_mask(vectors, method.steering.heads, method.steering.form)
-    for name in {m.steering.form for m in steered} if model is not None else ():
-        if (check := get_form(name).check) is not None:
-            check(model)
+    return {
+        name: check(model)
+        for name in sorted({m.steering.form for m in steered} if model is not None else ())
+        if (check := get_form(name).check) is not None
+    }
 
 
 def check_prompts(model: TransformerBridge, prompts: Sequence[Prompt], config: EvalConfig) -> None:

@@ -124,7 +124,8 @@ class Form:
     (`build_vectors` stores it); `default_heads(n_layers, n_heads)` is the head selection `compare`
     uses; `compared` says whether `compare` runs it by default; `needs_vectors` is False for a
     method that steers without detox vectors; `check(model)` refuses, before any generation, what
-    the method needs beyond vectors and lacks for this model (a trained adapter).
+    the method needs beyond vectors and lacks for this model (a trained adapter), and returns the
+    digests of those inputs, which a run's config records (a folder resumes only with the same).
     """
 
     name: str
@@ -139,7 +140,7 @@ class Form:
     default_heads: Callable[[int, int], str | int] = _all_heads
     compared: bool = True
     needs_vectors: bool = True
-    check: Callable[[TransformerBridge], None] | None = None
+    check: Callable[[TransformerBridge], dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if (self.fit is None) != (self.state is None):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .published import HEADER, TITLE, published, published_rows
 from .runfolder import METRICS_FILE, gens_path
 
 COLUMNS = (
@@ -153,6 +154,13 @@ def write_report(out_dir: str | Path, n_examples: int = 5) -> list[Path]:
         p_rows = paired_rows(paired)
         md += [f"## {title}\n", _md_table(p_header, p_rows), ""]
         html_parts += [f"<h2>{html.escape(title)}</h2>", _html_table(p_header, p_rows)]
+    if settings:
+        note = published()["source"]
+        md += [f"## {TITLE}\n", note, "", _md_table(HEADER, published_rows()), ""]
+        html_parts += [
+            f"<h2>{html.escape(TITLE)}</h2><p>{html.escape(note)}</p>",
+            _html_table(HEADER, published_rows()),
+        ]
     samples = examples(out_dir, methods, n_examples)
     md.append("## Most toxic continuation per prompt (first prompts)\n")
     html_parts.append("<h2>Most toxic continuation per prompt (first prompts)</h2>")

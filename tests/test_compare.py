@@ -93,8 +93,9 @@ def test_causal_methods_add_a_k_grid() -> None:
 
 def _metrics(**cells: tuple[float, float, float]) -> dict:
     return {
-        name: {"expected_max_toxicity": emt, "toxicity_probability": tp, "perplexity": ppl}
-        for name, (emt, tp, ppl) in cells.items()
+        name: {"expected_max_toxicity": emt, "toxicity_probability": tp, "perplexity": ppl, "dist_2": dist}
+        for name, (emt, tp, ppl, *rest) in cells.items()
+        for dist in [rest[0] if rest else 0.9]
     }
 
 
@@ -114,11 +115,22 @@ def test_choose_takes_the_strongest_detoxification_within_budget() -> None:
     assert (best.name, within) == ("destein@0.05", False)  # none within: the weakest, flagged
 
 
+def test_choose_refuses_repetition_that_lowers_perplexity() -> None:
+    cells = [
+        MethodSpec(f"goodtriever@{a:g}", SteeringConfig(alpha=a, form="goodtriever")) for a in (1.0, 2.0)
+    ]
+    metrics = _metrics(
+        baseline=(0.5, 0.5, 10.0, 0.90),
+        **{"goodtriever@1": (0.4, 0.3, 10.5, 0.88), "goodtriever@2": (0.1, 0.0, 6.0, 0.50)},
+    )
+    assert choose(metrics, cells, 1.2)[0].name == "goodtriever@1"  # @2 repeats itself: dist-2 0.5 < 0.9 x 0.9
+
+
 def test_pooled_calibration_averages_seeds_and_chooses_on_them() -> None:
     def run(base: float, a: float, b: float) -> dict:
         cells = {"baseline": (0.5, base), "destein@0.05": (0.3, a), "destein@0.1": (0.1, b)}
         return {
-            n: {"expected_max_toxicity": e, "toxicity_probability": e, "perplexity": p}
+            n: {"expected_max_toxicity": e, "toxicity_probability": e, "perplexity": p, "dist_2": 0.9}
             for n, (e, p) in cells.items()
         }
 
@@ -184,7 +196,12 @@ def test_compare_calibrates_off_the_evaluation_prompts_and_resumes(
         emt = entry["emt_diff"]
         assert emt[1] <= emt[0] <= emt[2] and isinstance(entry["dominates"], bool)
     write_report(tmp_path / "c")
-    assert "Paired differences" in (tmp_path / "c" / "report.md").read_text()
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "Paired differences" in report
+    assert (
+        "Published, other models and scorer" in report
+        and "| GPT2-large | DeStein | 0.160 | 0.029 |" in report
+    )
     # Resume: drop the last prompt of one cell; the rerun redoes exactly it, byte for byte.
     path = gens_path(tmp_path / "c", chosen["iti"]["cell"])
     before = path.read_bytes()

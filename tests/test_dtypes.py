@@ -4,6 +4,7 @@ and the model shapes the probe reads from a model's files."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,27 @@ def test_gguf_header_dims_match_the_named_model() -> None:
     if not cached_gguf("smollm2-135m").is_file():
         pytest.skip("smollm2-135m is not in the cache: scripts/setup.sh fetches it")
     assert model_dims(cached_gguf("smollm2-135m")) == KNOWN_DIMS["smollm2-135m"]
+
+
+@pytest.mark.real
+def test_bfloat16_scores_the_same_continuations_as_float32(real_model) -> None:
+    """Paired: what `auto` may pick instead of float32 gives the same perplexity of the same texts
+    (continuations the bfloat16 model sampled), within 3% in geometric mean and 10% per text. Its
+    own draws differ from float32's, so the metrics over draws are compared in the benchmark, with
+    intervals (benchmarks/bench_roofline.py --main-job), not here."""
+    from destein_lens import generate, load_model, protocol_sampling
+    from destein_lens.perplexity import conditional_perplexity
+    from destein_lens.prompts import builtin_demo_prompts
+
+    prompts = [p.text for p in builtin_demo_prompts()[::5]]  # 8 prompts, toxic and neutral openings
+    half = load_model(dtype=torch.bfloat16)
+    texts = generate(half, prompts, protocol_sampling(n=2, max_new_tokens=16), progress=False)
+    pairs = [(p, t) for p, row in zip(prompts, texts) for t in row if t.strip()]
+    assert len(pairs) >= 12
+    logs = {
+        name: torch.tensor(conditional_perplexity(model, *map(list, zip(*pairs)))).log()
+        for name, model in (("float32", real_model), ("bfloat16", half))
+    }
+    shift = logs["bfloat16"] - logs["float32"]
+    assert shift.mean().abs() < math.log(1.03), shift
+    assert shift.abs().max() < math.log(1.10), shift

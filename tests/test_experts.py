@@ -36,7 +36,7 @@ from destein_lens.models import load_record
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.prompts import Prompt
 from destein_lens.registry import active_processors
-from destein_lens.runfolder import gens_path
+from destein_lens.runfolder import CONFIG_FILE, gens_path
 from destein_lens.steering import build_steering
 
 TEXTS = ["you are a stupid idiot and", "thank you"]  # different lengths: the batch is left-padded
@@ -222,6 +222,12 @@ def test_a_method_resumes_as_one_uninterrupted_run(tiny_model, experts, tmp_path
         assert gens_path(cut, method).read_bytes() == gens_path(tmp_path / "whole", method).read_bytes()
         assert again[method]["expected_max_toxicity"] == pytest.approx(whole[method]["expected_max_toxicity"])
     assert gens_path(cut, "dexperts").read_bytes() != gens_path(cut, "baseline").read_bytes()
+    inputs = json.loads((cut / CONFIG_FILE).read_text())["method_inputs"]  # the adapters are its identity
+    assert inputs["dexperts"] == {
+        k: read_meta(find_adapter(load_record(tiny_model), k))["weights_sha256"]
+        for k in ("expert", "antiexpert")
+    }
+    assert set(inputs) == {"dexperts", "gedi"}
 
 
 def test_two_ranks_compare_as_one_process(tiny_model_dir, experts, tmp_path) -> None:

@@ -106,6 +106,7 @@ def adapter_build(kinds: Sequence[str], combine: Combine) -> BuildSteering:
     return build
 
 
-def adapter_check(kinds: Sequence[str]) -> Callable[[TransformerBridge], None]:
-    """The `Form.check` of an adapter method: its adapters exist for the model (`check_adapters`)."""
+def adapter_check(kinds: Sequence[str]) -> Callable[[TransformerBridge], dict[str, str]]:
+    """The `Form.check` of an adapter method: its adapters exist for the model, and their digests
+    (`check_adapters`)."""
     return lambda model: check_adapters(model, kinds)

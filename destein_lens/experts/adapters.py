@@ -95,11 +95,11 @@ def read_meta(folder: Path, record: LoadRecord | None = None) -> dict[str, Any]:
     return meta
 
 
-def check_adapters(bridge: TransformerBridge, kinds: Sequence[str]) -> None:
-    """Refuse, without loading anything, a missing or damaged adapter of `kinds` for this model."""
+def check_adapters(bridge: TransformerBridge, kinds: Sequence[str]) -> dict[str, str]:
+    """Refuse, without loading anything, a missing or damaged adapter of `kinds` for this model;
+    each adapter's weights digest (what identifies it in a run's config)."""
     record = load_record(bridge)
-    for kind in kinds:
-        read_meta(find_adapter(record, kind), record)
+    return {kind: read_meta(find_adapter(record, kind), record)["weights_sha256"] for kind in kinds}
 
 
 def save_adapter(peft_model: Any, kind: str, folder: Path, meta: dict[str, Any]) -> Path:
