@@ -296,7 +296,17 @@ def load_plain_model(record: LoadRecord, device: str) -> Any:
     else:
         source = NAMED_MODELS[record.name].hub_id if record.name in NAMED_MODELS else record.name
     hf_model, _ = _load_hf(source, getattr(torch, record.dtype))
+    hf_model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     return hf_model.to(device).eval()
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The unembedding's input made contiguous. HF slices the last position (`logits_to_keep`) as a
+    strided view; on CPU in bfloat16, torch 2.13 multiplies such a [batch, 1, d_model] view by
+    expanding the [vocab, d_model] weight per row (40 GB at 128 rows of Gemma), fails, and then
+    turns oneDNN matmuls off for the whole process: every later matmul, the bridge's included,
+    runs 5x slower (measured in `compare`'s first adapter cell)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def _versions() -> tuple[tuple[str, str], ...]:

@@ -32,7 +32,7 @@ from destein_lens.experts.adapters import WEIGHTS, find_adapter, read_meta, ship
 from destein_lens.experts.settings import GEDI_CODES, KINDS, TrainSettings
 from destein_lens.experts.training import split_pairs
 from destein_lens.generation import SamplingConfig, generate_ids
-from destein_lens.models import load_record
+from destein_lens.models import load_plain_model, load_record
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.prompts import Prompt
 from destein_lens.registry import active_processors
@@ -309,3 +309,16 @@ def test_bad_train_input_is_refused_before_the_model_loads(
     swap = {"MISSING": str(tmp_path / "missing.jsonl"), "FILE": str(tmp_path / "file")}
     argv = ["experts", "train", "--pairs", str(seeds), *[swap.get(x, x) for x in extra]]
     _refused(argv, capsys, contains)
+
+
+def test_the_plain_copy_unembeds_a_contiguous_last_position(tiny_model) -> None:
+    """HF hands its unembedding a strided view of the last position; in bfloat16 on CPU torch 2.13
+    fails that product and turns oneDNN off for the whole process (every matmul after it 5x
+    slower), so the adapters' copy makes the view contiguous first (`models._contiguous_input`)."""
+    plain = load_plain_model(load_record(tiny_model), "cpu")
+    seen = []
+    plain.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    ids = torch.randint(0, 100, (3, 5))
+    with torch.no_grad():
+        plain(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
