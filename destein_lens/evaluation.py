@@ -138,6 +138,7 @@ def run_config(
     vectors: DetoxVectors | None,
     ppl_model: TransformerBridge | None = None,
     provenance: dict[str, Any] | None = None,
+    method_inputs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """What identifies a run: a folder resumes only the run its config.json describes. Methods
     that steer heads chosen by causal effect have the heads written out ("causal_heads"), in
@@ -158,7 +159,7 @@ def run_config(
         "prompts": {"n": len(prompts), "sha256": prompts_sha(prompts)},
         "vectors": vectors_id(vectors),
         **({"causal_heads": chosen} if chosen else {}),
-        **({"method_inputs": inputs} if (inputs := check_methods(methods, vectors, model)) else {}),
+        **({"method_inputs": method_inputs} if method_inputs else {}),
         **(provenance or {}),
     }
 
@@ -184,10 +185,10 @@ def evaluate(
     `extra_scorers` also score every stored continuation (`rescoring`; a finished folder is
     rescored without generating): each cell's metrics gain "by_scorer", EMT and TP per scorer.
     """
-    check_methods(methods, vectors, model)
+    inputs = check_methods(methods, vectors, model)
     check_prompts(model, prompts, config)
     scorer = scorer or get_scorer(config.scorer)
-    config_dict = run_config(model, prompts, methods, config, vectors, ppl_model, provenance)
+    config_dict = run_config(model, prompts, methods, config, vectors, ppl_model, provenance, inputs)
     with runfolder.hold(out_dir) as out:
         runfolder.claim(out, config_dict)
         progress = progress and distributed.is_main()
