@@ -37,6 +37,11 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+# A loaded machine sometimes makes kaleido call into its page before the page's scripts ran
+# ("ReferenceError: kaleido_scopes is not defined"); a fresh browser then renders the same figure.
+_RENDER_TRIES = 3
+
+
 def _static_image(fig: go.Figure, fmt: str, scale: float) -> bytes:
     """Render with kaleido's headless Chromium; MathJax off so nothing is fetched from a CDN."""
     try:
@@ -50,17 +55,20 @@ def _static_image(fig: go.Figure, fmt: str, scale: float) -> bytes:
         "height": fig.layout.height or 600,
         "scale": scale,
     }
-    try:
-        return kaleido.calc_fig_sync(fig, opts=opts, kopts={"mathjax": False})
-    except ChromeNotFoundError:
-        raise StaticExportError(
-            "Chromium was not found",
-            "apt-get install chromium (or set BROWSER_PATH), or save with formats=('html',)",
-        ) from None
-    except Exception as exc:  # a browser that will not start or dies fails in many types, all alike here
-        raise StaticExportError(
-            f"Chromium did not render ({_reason(exc)})", "save with formats=('html',)"
-        ) from exc
+    failure: Exception | None = None
+    for _ in range(_RENDER_TRIES):
+        try:
+            return kaleido.calc_fig_sync(fig, opts=opts, kopts={"mathjax": False})
+        except ChromeNotFoundError:
+            raise StaticExportError(
+                "Chromium was not found",
+                "apt-get install chromium (or set BROWSER_PATH), or save with formats=('html',)",
+            ) from None
+        except Exception as exc:  # a browser that will not start or dies fails in many types, all alike
+            failure = exc
+    raise StaticExportError(
+        f"Chromium did not render ({_reason(failure)})", "save with formats=('html',)"
+    ) from failure
 
 
 def save_figure(
