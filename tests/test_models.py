@@ -108,7 +108,8 @@ def test_damaged_gguf_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(DesteinError, match=rf"^cannot read GGUF file {damaged} \(") as err:
         load_model(damaged, device="cpu")
     assert "\n" not in str(err.value)
-    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built cache entry
+    # no half-built cache entry (the builders' lock file stays, empty)
+    assert [p for p in (tmp_path / "cache" / "models").iterdir() if p.suffix != ".lock"] == []
 
 
 @pytest.mark.parametrize(
@@ -162,6 +163,34 @@ def test_corrupt_cache_entry_is_detected(real_model, tmp_path: Path) -> None:
     assert not _entry_valid(copy)
     (copy / "manifest.json").unlink()  # half-written: the manifest is written last
     assert not _entry_valid(copy)
+
+
+def test_processes_building_one_entry_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two loads on a fresh cache: the second waits for the first's entry and uses it, instead of
+    building its own and replacing the entry under the first one's reads (seen in CI as a Gemma
+    tokenizer loaded without its tokenizer.json: every text encoded as BOS + one unknown token)."""
+    import threading
+    import time
+
+    entry = tmp_path / "models" / "abc"
+    builds: list[str] = []
+
+    def build(gguf: Path, target: Path, dtype: torch.dtype) -> None:
+        builds.append(threading.current_thread().name)
+        time.sleep(0.3)  # long enough for the other thread to reach the check meanwhile
+        target.mkdir(parents=True)
+
+    def load(_: object) -> None:
+        with models_module._building(entry):
+            if not entry.exists():
+                build(Path("m.gguf"), entry, torch.float32)
+
+    threads = [threading.Thread(target=load, args=(i,), name=f"t{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
 
 
 @pytest.mark.real
