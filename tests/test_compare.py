@@ -252,6 +252,15 @@ def test_pareto_points_and_figure() -> None:
         pareto_points({"iti@1": metrics["iti@1"]})
 
 
+def test_pareto_gives_every_method_its_own_colour() -> None:
+    """The full compare has 14 methods, more than D3's ten colours: none may share one."""
+    methods = [f"m{i}" for i in range(14)]
+    metrics = _metrics(baseline=(0.6, 0.5, 9.0), **{f"{m}@1": (0.5, 0.3, 9.5) for m in methods})
+    fig = pareto_figure(metrics, chosen=[])
+    colours = {t.name: t.marker.color for t in fig.data if t.name != "baseline"}
+    assert len(colours) == 14 and len(set(colours.values())) == 14
+
+
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], contains: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

@@ -67,7 +67,8 @@ def pareto_figure(
     """
     points = pareto_points(metrics, scorer)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[label for _, label in PANELS], horizontal_spacing=0.1)
-    palette = qualitative.D3
+    # a colour per method: D3 has ten, the baseline is grey
+    palette = qualitative.D3 if len(points) <= len(qualitative.D3) + 1 else qualitative.Dark24
     colors = {
         method: "#555555" if method == "baseline" else palette[i % len(palette)]
         for i, method in enumerate(points)
@@ -86,8 +87,8 @@ def pareto_figure(
                     marker={"color": color, "size": 5, "symbol": "circle-open"},
                     line={"color": color, "width": 1, "dash": "dot"},
                     name=f"{method} (calibration)",
-                    legendgroup=method,
-                    showlegend=col == 1,
+                    legendgroup=method,  # shown and hidden with the method's own entry
+                    showlegend=False,
                     text=[p["cell"] for p in cells],
                     hovertemplate="%{text} (calibration prompts)<br>PPL x%{x:.2f}<br>%{y:.3f}<extra></extra>",
                 ),
@@ -136,4 +137,5 @@ def pareto_figure(
         + ("; stars: calibrated strengths" if chosen else "")
         + ("; dotted: each method's calibration curve" if curves is not None else "")
     )
+    fig.update_layout(legend={"tracegroupgap": 2})  # every method's entry fits beside the panels
     return finish(fig, title, subtitle)
