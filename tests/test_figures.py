@@ -15,6 +15,7 @@ from destein_lens.analysis import load_sweep, method_families, plottable_sweep, 
 from destein_lens.figures import FIGURES, check_figures_inputs, make_figures
 from destein_lens.pairs import builtin_seed_pairs
 from destein_lens.vectors import build_vectors
+from destein_lens.views.export import _RENDER_TRIES
 
 HAVE_CHROMIUM = Path("/usr/bin/chromium").exists()
 
@@ -36,7 +37,8 @@ METRICS = {"expected_max_toxicity": 0.2, "toxicity_probability": 0.1, "perplexit
 
 
 def test_broken_browser_costs_the_pngs_not_the_html(tiny_model, tmp_path, monkeypatch, capsys) -> None:
-    """Chromium that closes as soon as it starts (kaleido's real error): every HTML, one line, one try."""
+    """Chromium that closes as soon as it starts (kaleido's real error): every HTML, one line,
+    one figure's tries."""
     import kaleido
     from kaleido.errors import BrowserFailedError
 
@@ -54,7 +56,7 @@ def test_broken_browser_costs_the_pngs_not_the_html(tiny_model, tmp_path, monkey
     for stem in FIGURES:
         assert tmp_path / f"{stem}.html" in paths and (tmp_path / f"{stem}.html").stat().st_size > 0
     assert not list(tmp_path.glob("*.png"))
-    assert len(calls) == 1  # given up after the first failure, not retried per figure
+    assert len(calls) == _RENDER_TRIES  # given up after the first figure's tries, not per figure
     lines = [line for line in capsys.readouterr().err.splitlines() if "static export" in line]
     assert lines == [
         "static export skipped, figures saved as HTML only: Chromium did not render "
