@@ -23,7 +23,6 @@ weights): a command line calls them before spending time on anything else.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import functools
 import hashlib
@@ -32,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -371,9 +370,7 @@ def _load_gguf(path: Path, sha: str, dtype: torch.dtype) -> tuple[Any, Any, str]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry = gguf_entry_dir(sha)
-    with _building(entry):
-        if not _entry_valid(entry):
-            _build_entry(path, entry, dtype)
+    _ensure_entry(path, entry, dtype)
     tokenizer = AutoTokenizer.from_pretrained(entry)
     hf_model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype)
     model_type = hf_model.config.model_type
@@ -381,15 +378,16 @@ def _load_gguf(path: Path, sha: str, dtype: torch.dtype) -> tuple[Any, Any, str]
     return hf_model, tokenizer, hf_id
 
 
-@contextlib.contextmanager
-def _building(entry: Path) -> Iterator[None]:
-    """One process at a time checks and builds `entry`: without it, processes that start together
-    on a fresh cache (data-parallel ranks, two jobs) each build it, and the later one replaced the
-    entry while the first was reading it (a tokenizer without its tokenizer.json loads empty)."""
+def _ensure_entry(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
+    """A valid `entry`, built from `gguf` if need be, by one process at a time: without the lock,
+    processes that start together on a fresh cache (data-parallel ranks, two jobs) each built it,
+    and the later one replaced the entry while the first was reading it (a tokenizer without its
+    tokenizer.json loads empty)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     with open(entry.parent / f"{entry.name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
-        yield
+        if not _entry_valid(entry):
+            _build_entry(gguf, entry, dtype)
 
 
 def _build_entry(gguf: Path, entry: Path, dtype: torch.dtype) -> None:

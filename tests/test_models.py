@@ -180,12 +180,12 @@ def test_processes_building_one_entry_take_turns(tmp_path: Path, monkeypatch: py
         time.sleep(0.3)  # long enough for the other thread to reach the check meanwhile
         target.mkdir(parents=True)
 
-    def load(_: object) -> None:
-        with models_module._building(entry):
-            if not entry.exists():
-                build(Path("m.gguf"), entry, torch.float32)
-
-    threads = [threading.Thread(target=load, args=(i,), name=f"t{i}") for i in range(2)]
+    monkeypatch.setattr(models_module, "_build_entry", build)
+    monkeypatch.setattr(models_module, "_entry_valid", Path.exists)
+    threads = [
+        threading.Thread(target=models_module._ensure_entry, args=(Path("m.gguf"), entry, torch.float32))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
